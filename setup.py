@@ -1,0 +1,26 @@
+from setuptools import setup
+
+from synckit import __version__
+
+setup(
+    name="synckit",
+    version=__version__,
+    description="SyncKit-compatible document sync server for Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=["synckit", "synckit.sync", "synckit.storage", "synckit.pubsub", "twisted.plugins"],
+    install_requires=[
+        "twisted>=24.3",
+        "autobahn>=26.10.2",  # enforces the message size limit after decompression
+        "orjson>=3.9",
+        "pyjwt>=2.8",
+        "cbor2>=5.4",
+        "prometheus-client>=0.20",
+        "txredisapi>=1.6",
+        "txpostgres>=1.7",
+        "psycopg2-binary>=2.9",  # txpostgres needs psycopg2 but does not declare it
+    ],
+    extras_require={"test": ["hypothesis>=6"]},
+)

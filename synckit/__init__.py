@@ -1,0 +1,3 @@
+"""synckit: a SyncKit-compatible document sync server for Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,215 @@
+"""
+The server's settings, from the command line, the environment, a config file and defaults, in
+that order of precedence.
+
+Every setting is declared once in L{SETTINGS}: its option name (``--port``, and the key in the
+config file's ``[synckit]`` section), the environment variable the reference server reads, how
+its text is parsed and checked, and its help.  Any bad value raises L{ConfigError} naming the
+setting and where the value came from, so twistd fails before the reactor starts.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+DEFAULT_JWT_SECRET = "development-secret-do-not-use-in-production"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    port: int = 8080
+    host: str = "0.0.0.0"
+    node_env: str = "development"
+    jwt_secret: str = DEFAULT_JWT_SECRET
+    jwt_expires_in: int = 24 * 3600
+    jwt_refresh_expires_in: int = 7 * 24 * 3600
+    auth_required: bool = True
+    api_keys: tuple[str, ...] = ()
+    max_connections_per_ip: int = 50
+    max_messages_per_minute: int = 500
+    max_connections: int = 10_000
+    heartbeat_interval: int = 30_000
+    max_message_size: int = 2_000_000
+    max_frame_size: int = 16 * 1024 * 1024
+    cors_origin: str = "*"
+    document_cache_size: int = 1000
+    awareness_timeout: int = 30_000
+    demo_allow_list: bool = False
+    test_endpoints: bool = False
+
+
+# Parsers: text -> value, raising ValueError with a short reason.
+
+
+def _integer(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ValueError(f"must be {bound}")
+        return value
+
+    return parse
+
+
+def _boolean(text: str) -> bool:
+    """Only the two words: for a security switch, a typo must not silently pick a side."""
+    value = text.strip().lower()
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError("must be true or false")
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip() not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return text.strip()
+
+    return parse
+
+
+_UNITS = {
+    "ms": 0.001, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400, "w": 604800, "week": 604800, "weeks": 604800,
+    "y": 31557600, "year": 31557600, "years": 31557600,
+}  # fmt: skip
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]*)$")
+
+
+def _duration(text: str) -> int:
+    """
+    A token lifetime in whole seconds, written as the reference's ``ms`` strings are: ``24h``,
+    ``7d``, ``90 minutes``; a bare number is milliseconds, as there.
+    """
+    match = _DURATION.match(text.strip().lower())
+    if match is None or match.group(2) not in _UNITS and match.group(2) != "":
+        raise ValueError("must be a duration such as 3600s, 24h or 7d")
+    seconds = int(float(match.group(1)) * _UNITS.get(match.group(2), 0.001))
+    if seconds < 1:
+        raise ValueError("must be at least one second")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str
+    env: Optional[str]
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def option(self) -> str:
+        return self.field.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("port", "PORT", _integer(0, 65535), "TCP port for HTTP and the WebSocket endpoint /ws"),
+    Setting("host", "HOST", _text, "address to listen on; 'localhost' listens on 127.0.0.1 and ::1, '::' on every IPv4 and IPv6 address"),
+    Setting("node_env", "NODE_ENV", _choice("development", "production", "test"), "deployment mode; 'production' refuses the default JWT secret"),
+    Setting("jwt_secret", "JWT_SECRET", _text, "HMAC key for JWTs, at least 32 characters (prefer the environment to the command line)"),
+    Setting("jwt_expires_in", "JWT_EXPIRES_IN", _duration, "access-token lifetime, e.g. 24h"),
+    Setting("jwt_refresh_expires_in", "JWT_REFRESH_EXPIRES_IN", _duration, "refresh-token lifetime, e.g. 7d"),
+    Setting("auth_required", "SYNCKIT_AUTH_REQUIRED", _boolean, "true: clients must send a valid token; false: every connection is an anonymous reader/writer"),
+    Setting("api_keys", "SYNCKIT_AUTH_APIKEYS", _words, "comma-separated API keys accepted by 'auth' as an administrator"),
+    Setting("max_connections_per_ip", "SYNCKIT_MAX_CONNECTIONS_PER_IP", _integer(1), "open WebSocket connections allowed per client address"),
+    Setting("max_messages_per_minute", "SYNCKIT_MAX_MESSAGES_PER_MINUTE", _integer(1), "messages each connection may send in any 60 s"),
+    Setting("max_connections", "WS_MAX_CONNECTIONS", _integer(1), "open WebSocket connections allowed in all"),
+    Setting("heartbeat_interval", "WS_HEARTBEAT_INTERVAL", _integer(0), "ms between WebSocket pings; a peer that misses one is dropped (0: off)"),
+    Setting("max_message_size", "SYNCKIT_MAX_MESSAGE_SIZE", _integer(1), "largest message accepted, in characters of JSON"),
+    Setting("max_frame_size", "SYNCKIT_MAX_FRAME_SIZE", _integer(1024), "largest WebSocket message accepted, in bytes; larger ones close the connection (1009)"),
+    Setting("cors_origin", "CORS_ORIGIN", _text, "allowed CORS origin for HTTP routes, or *"),
+    Setting("document_cache_size", "SYNCKIT_DOCUMENT_CACHE_SIZE", _integer(1), "documents kept in memory; idle ones beyond this are reloaded from storage when used"),
+    Setting("awareness_timeout", "SYNCKIT_AWARENESS_TIMEOUT", _integer(1000), "ms after which a client's silent presence state expires"),
+    Setting("demo_allow_list", "SYNCKIT_DEMO_ALLOW_LIST", _boolean, "restrict 'subscribe' to the reference demo's document ids (playground*, wordwall*, room:*, page ids)"),
+    Setting("test_endpoints", "SYNCKIT_TEST_ENDPOINTS", _boolean, "serve POST /_test/clear, which deletes every document (test suites only)"),
+)  # fmt: skip
+
+_BY_OPTION = {s.option: s for s in SETTINGS}
+
+
+def _read_file(path: str) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    for section in parser.sections():
+        if section != "synckit":
+            raise ConfigError(f"config file {path}: unknown section [{section}] (settings go in [synckit])")
+    values = dict(parser["synckit"]) if parser.has_section("synckit") else {}
+    for key in values:
+        if key not in _BY_OPTION:
+            raise ConfigError(f"config file {path}: unknown setting '{key}'")
+    return values
+
+
+def load(
+    cli: Mapping[str, Optional[str]],
+    environ: Mapping[str, str],
+    config_file: Optional[str] = None,
+) -> Config:
+    """
+    Build the configuration.
+
+    @param cli: option name (``max-connections``) -> text given on the command line, or C{None}.
+    @param environ: the process environment.
+    @param config_file: path of an INI file with a ``[synckit]`` section.
+    @raise ConfigError: naming the first bad setting.
+    """
+    file_values = _read_file(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        sources = (
+            (cli.get(setting.option), f"--{setting.option}"),
+            (environ.get(setting.env) if setting.env else None, f"environment variable {setting.env}"),
+            (file_values.get(setting.option), f"'{setting.option}' in {config_file}"),
+        )
+        for text, origin in sources:
+            if text is not None:
+                try:
+                    values[setting.field] = setting.parse(text)
+                except ValueError as e:
+                    raise ConfigError(f"{origin}: {e} (got {text!r})") from None
+                break
+    config = Config(**values)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    if len(config.jwt_secret) < 32:
+        raise ConfigError("jwt-secret (JWT_SECRET) must be at least 32 characters")
+    if config.node_env == "production" and config.jwt_secret == DEFAULT_JWT_SECRET:
+        raise ConfigError("NODE_ENV=production requires JWT_SECRET to be set")
+
+
+def defaults() -> dict[str, Any]:
+    """Each setting's default, by field name, for help texts and the example config."""
+    return {f.name: f.default for f in dataclasses.fields(Config)}

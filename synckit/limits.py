@@ -1,0 +1,70 @@
+"""
+Connection and message limits (PROTOCOL.md sections 8.1 and 8.2).
+
+The reference re-scans a list of timestamps on every message, which is O(n) in the limit; ours
+counts accepted messages in one-second buckets over a sliding minute: O(1) per message and at most
+61 small buckets per connection, whatever the limit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class RateLimiter:
+    """At most C{limit} accepted messages in any sliding C{window} seconds, for one connection."""
+
+    __slots__ = ("_limit", "_window", "_buckets", "_total")
+
+    def __init__(self, limit: int, window: int = 60) -> None:
+        self._limit = limit
+        self._window = window
+        self._buckets: deque[list[int]] = deque()  # [second, count], oldest first
+        self._total = 0
+
+    def allow(self, now: float) -> bool:
+        """Record a message at C{now} (seconds) if it is within the limit; rejected ones are not."""
+        second = int(now)
+        buckets = self._buckets
+        cutoff = second - self._window
+        while buckets and buckets[0][0] <= cutoff:
+            self._total -= buckets.popleft()[1]
+        if self._total >= self._limit:
+            return False
+        self._total += 1
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1] += 1
+        else:
+            buckets.append([second, 1])
+        return True
+
+
+class ConnectionLimiter:
+    """Open connections, per client address and in all."""
+
+    def __init__(self, per_ip: int, total: int) -> None:
+        self._per_ip = per_ip
+        self._total_cap = total
+        self._by_ip: dict[str, int] = {}
+        self.total = 0
+
+    def admit(self, ip: str) -> str | None:
+        """
+        Count a new connection from C{ip}; returns C{None}, or the close reason if it is over a
+        limit (the per-address limit is checked first, as in the reference).
+        """
+        if self._by_ip.get(ip, 0) >= self._per_ip:
+            return "Too many connections from your IP"
+        if self.total >= self._total_cap:
+            return "Server at maximum capacity"
+        self._by_ip[ip] = self._by_ip.get(ip, 0) + 1
+        self.total += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        count = self._by_ip.get(ip, 0) - 1
+        if count > 0:
+            self._by_ip[ip] = count
+        else:
+            self._by_ip.pop(ip, None)
+        self.total -= 1

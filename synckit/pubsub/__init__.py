@@ -1,0 +1,1 @@
+"""Fan-out between server instances behind L{IPubSub}."""

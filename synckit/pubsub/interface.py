@@ -1,0 +1,39 @@
+"""
+How instances of the server tell each other about writes and presence (PROTOCOL.md section 7.6).
+
+Each instance publishes what its own clients changed, per document, and merges what the others
+publish into its cached documents, then broadcasts it to its own subscribers.  An instance never
+receives its own publications (an implementation whose transport echoes them drops them).
+Delivery is at most once: storage stays the source of truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+#: (kind, document id, payload): kind is "delta" or "awareness".
+Receiver = Callable[[str, str, dict[str, Any]], None]
+
+KINDS = ("delta", "awareness")
+
+
+class IPubSub(Interface):
+    instance_id = Attribute("This instance's id, carried in every publication.")
+
+    def start(receiver: Receiver) -> Deferred:
+        """Connect, and from then on hand other instances' publications to C{receiver}."""
+
+    def stop() -> Deferred:
+        """Disconnect."""
+
+    def watch(doc_id: str) -> None:
+        """Receive publications about C{doc_id} (while it is cached here)."""
+
+    def unwatch(doc_id: str) -> None:
+        """Stop receiving publications about C{doc_id}."""
+
+    def publish(kind: str, doc_id: str, payload: dict[str, Any]) -> Deferred:
+        """Tell the other instances watching C{doc_id}."""

@@ -1,0 +1,174 @@
+"""
+The sync server's hub: the sessions, the document registry, broadcasting, presence, and the
+exchange with other instances.  Plain Python driven by a clock; the WebSocket adapter and the
+HTTP resources call into it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Optional, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from synckit.auth import ADMIN, EVERYONE, Identity, Tokens
+from synckit.config import Config
+from synckit.handlers import HANDLERS
+from synckit.limits import ConnectionLimiter
+from synckit.pubsub.interface import IPubSub
+from synckit.session import Client, Session
+from synckit.storage.interface import FieldWrite, IStorage
+from synckit.sync.awareness import Awareness
+from synckit.sync.broadcast import Broadcaster, deliver
+from synckit.sync.document import Document
+from synckit.sync.registry import DocumentRegistry
+from synckit.tasks import BackgroundTasks
+from synckit.wire import Frame, MessageIds
+
+
+class SyncServer:
+    _log = Logger()
+    handlers = HANDLERS
+
+    def __init__(self, config: Config, clock: IReactorTime, storage: IStorage, pubsub: IPubSub) -> None:
+        self.config = config
+        self.clock = clock
+        self.storage = storage
+        self.pubsub = pubsub
+        self.ids = MessageIds()
+        self.tasks = BackgroundTasks()
+        self.registry = DocumentRegistry(storage, pubsub, config.document_cache_size)
+        self.broadcaster = Broadcaster(clock, self.registry, self.ids)
+        self.awareness = Awareness(config.awareness_timeout)
+        self.tokens = Tokens(config.jwt_secret, config.jwt_expires_in, config.jwt_refresh_expires_in, clock)
+        self.connections = ConnectionLimiter(config.max_connections_per_ip, config.max_connections)
+        self.sessions: set[Session] = set()
+        self.started = clock.seconds()
+        self._session_numbers = itertools.count(1)
+        self._idle: list[Deferred] = []
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    # Sessions
+
+    def open_session(self, client: Client, ip: str) -> Session:
+        """
+        A new connection.  Over a connection limit, it is closed at once with 1008, after the
+        handshake, as the reference does.
+        """
+        session = Session(self, client, f"conn-{next(self._session_numbers)}", ip)
+        refusal = self.connections.admit(ip)
+        if refusal is not None:
+            self._log.info("refused a connection from {ip}: {reason}", ip=ip, reason=refusal)
+            session.close(1008, refusal)
+            return session
+        self.sessions.add(session)
+        if not self.config.auth_required:
+            session.authenticate(Identity(f"anonymous-{ip}", EVERYONE, EVERYONE.to_claim()))
+        return session
+
+    def session_closed(self, session: Session) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        if not self.sessions:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+        self.connections.release(session.ip)
+        for doc_id in session.subscriptions:
+            self.registry.unsubscribe(doc_id, session)
+        self.awareness.unsubscribe_all(session, session.awareness)
+
+    def api_key_identity(self, key: Any) -> Optional[Identity]:
+        if isinstance(key, str) and key in self.config.api_keys:
+            return Identity("api-key-user", ADMIN, ADMIN.to_claim())
+        return None
+
+    # Writes
+
+    async def commit(self, doc: Document, writes: Sequence[FieldWrite]) -> None:
+        """
+        Make applied writes durable, then broadcast them here and publish them to the other
+        instances.  The caller acknowledges only after this returns.
+        """
+        await self.storage.save_writes(doc.id, writes)
+        self.broadcaster.queue(doc.id, (w.field for w in writes))
+        payload = {"writes": [list(w) for w in writes], "clock": dict(doc.clock)}
+        self.tasks.add(self.pubsub.publish("delta", doc.id, payload), "publishing a delta")
+
+    def update_awareness(self, doc_id: str, client_id: str, state: Any, clock: Any) -> None:
+        self._apply_awareness(doc_id, client_id, state, clock)
+        payload = {"clientId": client_id, "state": state, "clock": clock}
+        self.tasks.add(self.pubsub.publish("awareness", doc_id, payload), "publishing awareness")
+
+    def _apply_awareness(self, doc_id: str, client_id: str, state: Any, clock: Any) -> None:
+        now = self.now_ms()
+        subscribers = self.awareness.update(doc_id, client_id, state, clock, now)
+        body = {"id": self.ids(now), "documentId": doc_id, "clientId": client_id, "state": state, "clock": clock}
+        deliver(Frame("awareness_update", now, body), subscribers)
+
+    def receive_remote(self, kind: str, doc_id: str, payload: dict[str, Any]) -> None:
+        """Another instance's publication: merge it, and broadcast what changed here."""
+        if kind == "awareness":
+            self._apply_awareness(doc_id, payload["clientId"], payload["state"], payload["clock"])
+            return
+        doc = self.registry.peek(doc_id)
+        if doc is None:
+            return  # not cached here: it will be read from storage when it is next opened
+        changed = []
+        for field, value, writer, counter, ts in payload["writes"]:
+            if doc.merge(field, value, (ts, counter, writer)):
+                changed.append(field)
+        doc.merge_clock(payload["clock"])
+        if changed:
+            self.broadcaster.queue(doc_id, changed)
+
+    # Housekeeping and shutdown
+
+    def housekeeping(self) -> None:
+        """Expire silent presence and stale chunk sets (every 30 s, section 4.13)."""
+        now = self.now_ms()
+        for doc_id, client_id, subscribers in self.awareness.expire(now):
+            body = {"id": self.ids(now), "documentId": doc_id, "clientId": client_id, "state": None, "clock": now}
+            deliver(Frame("awareness_update", now, body), subscribers)
+        seconds = self.clock.seconds()
+        for session in self.sessions:
+            if session.chunks:
+                session.chunks.expire(seconds)
+
+    def when_idle(self) -> Deferred:
+        """Fires when no connection is open."""
+        d: Deferred = Deferred()
+        if self.sessions:
+            self._idle.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def close_all(self, code: int, reason: str) -> None:
+        """Send what is pending, then close every connection."""
+        self.broadcaster.flush()
+        for session in list(self.sessions):
+            session.close(code, reason)
+
+    async def clear(self) -> None:
+        """Forget every document and presence state (the test reset endpoint)."""
+        self.awareness.clear()
+        await self.registry.clear()
+
+    def stats(self) -> dict[str, Any]:
+        users = {s.identity.user_id for s in self.sessions if s.identity is not None}
+        return {
+            "connections": {"totalConnections": len(self.sessions), "totalUsers": len(users), "totalClients": 0},
+            "documents": {
+                "totalDocuments": len(self.registry),
+                "documents": [
+                    {"id": doc.id, "subscribers": len(self.registry.subscribers(doc.id)), "lastModified": doc.last_modified}
+                    for doc in self.registry.documents()
+                ],
+            },
+        }

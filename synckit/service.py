@@ -1,0 +1,114 @@
+"""
+The root service: storage, then pub/sub, then the listening port, started in that order once the
+reactor runs, and stopped in reverse.  Stopping sends what is pending, closes every WebSocket with
+1001, waits (briefly) for the clients to acknowledge, and lets running handlers finish before
+storage closes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from synckit.config import Config
+from synckit.pubsub.interface import IPubSub
+from synckit.server import SyncServer
+from synckit.storage.interface import IStorage
+from synckit.web import make_site
+
+#: how long shutdown waits for clients to answer the close handshake.
+CLOSE_GRACE = 2.0
+HOUSEKEEPING_INTERVAL = 30.0
+
+
+def interfaces(host: str) -> list[str]:
+    """
+    The addresses to bind for C{host}: ``localhost`` is both loopbacks, since clients resolve it
+    to ``::1`` or ``127.0.0.1``; ``::`` is dual-stack on Linux.
+    """
+    if host == "localhost":
+        return ["127.0.0.1", "::1"]
+    return [host]
+
+
+class SyncKitService(MultiService):
+    _log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, storage: IStorage, pubsub: IPubSub) -> None:
+        super().__init__()
+        self.config = config
+        self._reactor = reactor
+        self.storage = storage
+        self.pubsub = pubsub
+        self.server = SyncServer(config, reactor, storage, pubsub)
+        self.site = make_site(self.server, config)
+        self.ports: list[IListeningPort] = []
+        self._housekeeping = LoopingCall(self.server.housekeeping)
+        self._housekeeping.clock = reactor
+        #: fires once the port is listening, or fails if start-up failed.
+        self.started: Deferred = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(self._boot)
+
+    def _boot(self) -> None:
+        d = Deferred.fromCoroutine(self._start())
+        d.addCallbacks(self.started.callback, self._fatal)
+
+    async def _start(self) -> None:
+        await self.storage.start()
+        await self.pubsub.start(self.server.receive_remote)
+        port = self.config.port
+        for interface in interfaces(self.config.host):
+            try:
+                listening = self._reactor.listenTCP(port, self.site, interface=interface)
+            except Exception:
+                if self.ports and interface == "::1":
+                    self._log.warn("no IPv6 loopback: listening on 127.0.0.1 only")
+                    continue
+                raise
+            self.ports.append(listening)
+            port = listening.getHost().port  # port 0: the second address shares the first's
+            self._log.info(
+                "synckit listening on {interface} port {port} (storage: {storage}, auth required: {auth})",
+                interface=interface,
+                port=port,
+                storage=self.storage.name,
+                auth=self.config.auth_required,
+            )
+        self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
+
+    def _fatal(self, failure: Failure) -> None:
+        self._log.failure("synckit could not start", failure)
+        self.started.errback(failure)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred:
+        d = Deferred.fromCoroutine(self._stop())
+        d.addErrback(lambda f: self._log.failure("unclean shutdown", f))
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d
+
+    async def _stop(self) -> None:
+        if self._housekeeping.running:
+            self._housekeeping.stop()
+        await DeferredList([maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports = []
+        self.server.close_all(1001, "Server shutdown")
+        idle = self.server.when_idle()
+        idle.addTimeout(CLOSE_GRACE, self._reactor)
+        try:
+            await idle
+        except TimeoutError:
+            self._log.warn("{n} clients did not finish closing", n=len(self.server.sessions))
+        await self.server.tasks.wait()
+        await self.pubsub.stop()
+        await self.storage.stop()

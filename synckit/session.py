@@ -1,0 +1,223 @@
+"""
+One session per WebSocket connection: its identity, its subscriptions, and the pipeline every
+incoming message goes through (PROTOCOL.md section 3.1):
+
+    decode -> chunk reassembly -> rate limit -> type and size checks -> handler -> (pong)
+
+Messages of one connection are handled strictly in arrival order, one at a time: while a handler
+waits on storage, later messages queue.  With in-memory storage nothing waits, and a message is
+handled completely inside the call that delivered it.
+
+Handlers raise L{Reject} for the protocol's expected errors; this is the one place that turns
+them, and unexpected exceptions, into ``error`` frames.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from synckit import wire
+from synckit.auth import Identity
+from synckit.chunks import ChunkAssembler, ChunkError
+from synckit.limits import RateLimiter
+
+if TYPE_CHECKING:
+    from synckit.server import SyncServer
+
+
+class Client(Protocol):
+    """What a session needs from its transport (the WebSocket adapter, or a test fake)."""
+
+    def send_frame(self, frame: wire.Frame, binary: bool) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Reject(Exception):
+    """An expected protocol error: the client gets ``error`` with this text and details."""
+
+    def __init__(self, error: str, details: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(error)
+        self.error = error
+        self.details = details
+
+
+class Session:
+    _log = Logger()
+
+    def __init__(self, server: "SyncServer", client: Client, session_id: str, ip: str) -> None:
+        self.server = server
+        self.client = client
+        self.id = session_id
+        self.ip = ip
+        self.identity: Optional[Identity] = None
+        self.authenticated = False
+        #: replies go out as binary frames until the client sends a text frame (PROTOCOL.md R-1).
+        self.binary = True
+        self.subscriptions: set[str] = set()
+        self.awareness: set[str] = set()
+        self.chunks = ChunkAssembler()
+        self._rate = RateLimiter(server.config.max_messages_per_minute)
+        self._queue: deque[tuple[bytes, bool]] = deque()
+        self._busy = False
+        self._open = True
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.ip}>"
+
+    # Identity and subscriptions
+
+    def authenticate(self, identity: Identity) -> None:
+        self.identity = identity
+        self.authenticated = True
+
+    def require_auth(self) -> Identity:
+        if not self.authenticated or self.identity is None:
+            raise Reject("Not authenticated")
+        return self.identity
+
+    def subscribe(self, doc_id: str) -> None:
+        self.subscriptions.add(doc_id)
+        self.server.registry.subscribe(doc_id, self)
+
+    def unsubscribe(self, doc_id: str) -> None:
+        self.subscriptions.discard(doc_id)
+        self.server.registry.unsubscribe(doc_id, self)
+
+    # Output
+
+    def send(self, frame: wire.Frame) -> None:
+        if self._open:
+            self.client.send_frame(frame, self.binary)
+
+    def reply(self, type: str, body: dict[str, Any]) -> None:
+        """Send a new message of C{type}; C{body} gets a fresh id."""
+        now = self.server.now_ms()
+        body["id"] = self.server.ids(now)
+        self.send(wire.Frame(type, now, body))
+
+    def error(self, error: str, details: Optional[dict[str, Any]] = None) -> None:
+        body: dict[str, Any] = {"error": error}
+        if details is not None:
+            body["details"] = details
+        self.reply("error", body)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection; nothing more is sent or handled after this."""
+        if self._open:
+            self._open = False
+            self._queue.clear()
+            self.client.close(code, reason)
+
+    # Input
+
+    def receive(self, data: bytes, is_binary: bool) -> None:
+        """Handle (or queue behind a handler that is waiting) one WebSocket message."""
+        self._queue.append((data, is_binary))
+        if not self._busy:
+            self._drain()
+
+    def _drain(self) -> None:
+        while self._queue and self._open:
+            data, is_binary = self._queue.popleft()
+            if not is_binary:
+                self.binary = False
+            waiting = self._handle(data)
+            if waiting is not None and not waiting.called:
+                self._busy = True
+                waiting.addBoth(self._resume)
+                self.server.tasks.add(waiting)
+                return
+
+    def _resume(self, result: Any) -> Any:
+        self._busy = False
+        self._drain()
+        return result
+
+    def _handle(self, data: bytes) -> Optional[Deferred]:
+        try:
+            message = wire.decode(data, self._new_id)
+        except wire.DecodeError:
+            self.error("Invalid message format")
+            return None
+        kind = message["type"]
+        if kind == "delta_batch_chunk":
+            return self._add_chunk(message)
+        waiting = self._dispatch(message, len(data))
+        if kind == "ping":
+            # After the handler and any error it caused, rate-limited or not (section 4.12).
+            if waiting is None or waiting.called:
+                self.reply("pong", {})
+            else:
+                waiting.addBoth(lambda result: (self.reply("pong", {}), result)[1])
+        return waiting
+
+    def _new_id(self) -> str:
+        return self.server.ids(self.server.now_ms())
+
+    def _dispatch(self, message: wire.Message, size: int) -> Optional[Deferred]:
+        if not self._rate.allow(self.server.clock.seconds()):
+            self.error("Too many messages. Please slow down.", {"code": "RATE_LIMIT_EXCEEDED"})
+            return None
+        kind = message["type"]
+        handler = self.server.handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            self.error(f"Invalid message type: {kind}", {"code": "INVALID_MESSAGE"})
+            return None
+        limit = self.server.config.max_message_size
+        if wire.may_exceed(size, limit):
+            length = wire.json_length(message)
+            if length > limit:
+                self.error(f"Message too large ({length} bytes, max {limit})", {"code": "INVALID_MESSAGE"})
+                return None
+        try:
+            result = handler.function(self, message)
+        except Exception:
+            self._failed(Failure(), handler.failure, message)
+            return None
+        if result is None:
+            return None
+        waiting = Deferred.fromCoroutine(result)
+        waiting.addErrback(self._failed, handler.failure, message)
+        return waiting
+
+    def _failed(self, failure: Failure, fallback: tuple[str, bool], message: wire.Message) -> None:
+        if failure.check(Reject):
+            self.error(failure.value.error, failure.value.details)
+            return
+        self._log.failure(
+            "{kind} from {session} failed", failure, kind=message.get("type"), session=self.id
+        )
+        error, with_document = fallback
+        self.error(error, {"documentId": message.get("documentId")} if with_document else None)
+
+    def _add_chunk(self, message: wire.Message) -> Optional[Deferred]:
+        try:
+            whole = self.chunks.add(message, self.server.clock.seconds())
+        except ChunkError as e:
+            self._log.info("dropped a chunk from {session}: {reason}", session=self.id, reason=str(e))
+            return None
+        if whole is None:
+            return None
+        try:
+            reassembled = wire.decode(whole, self._new_id)
+        except wire.DecodeError:
+            self._log.info("reassembled chunks from {session} do not decode", session=self.id)
+            return None
+        # A reassembled message skips chunking and the pong (section 4.10); a chunk inside a chunk
+        # set reaches the type check and is refused there.
+        if reassembled["type"] == "delta_batch_chunk":
+            self.error("Invalid message type: delta_batch_chunk", {"code": "INVALID_MESSAGE"})
+            return None
+        return self._dispatch(reassembled, len(whole))
+
+    def closed(self) -> None:
+        """The connection is gone: forget it everywhere (idempotent)."""
+        self._open = False
+        self._queue.clear()
+        self.server.session_closed(self)

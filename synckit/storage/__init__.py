@@ -1,0 +1,1 @@
+"""Document storage behind L{IStorage}: in memory by default."""

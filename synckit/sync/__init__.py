@@ -1,0 +1,1 @@
+"""The sync domain: documents, subscriptions, broadcast batching and awareness. No Autobahn here."""

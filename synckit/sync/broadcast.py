@@ -1,0 +1,82 @@
+"""
+Broadcast batching (PROTOCOL.md section 6.6).
+
+Written fields are queued per document, each once, in the order they were first written; the
+value sent is the field's value at flush time (the tombstone if it is gone), so a field written
+twice goes out once with its latest value, and writes that finish out of order (storage answers
+in any order) can never make a stale value overtake a newer one.  The reference flushes 50 ms after the first queued
+write; we flush at the end of the current reactor turn instead, so writes that arrive together
+still go out together but a lone write is never held back.  Each flushed field becomes one
+``delta`` frame, encoded once and sent to every authenticated subscriber, the writer included,
+in the same order for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from synckit.sync.document import TOMBSTONE
+from synckit.sync.registry import DocumentRegistry
+from synckit.wire import Frame, MessageIds
+
+
+class Recipient(Protocol):
+    authenticated: bool
+
+    def send(self, frame: Frame) -> None: ...
+
+
+def deliver(frame: Frame, recipients: Iterable[Recipient], exclude: Optional[Recipient] = None) -> None:
+    """Send one frame to every authenticated recipient but C{exclude}."""
+    for recipient in recipients:
+        if recipient.authenticated and recipient is not exclude:
+            recipient.send(frame)
+
+
+class Broadcaster:
+    def __init__(self, clock: IReactorTime, registry: DocumentRegistry, ids: MessageIds) -> None:
+        self._clock = clock
+        self._registry = registry
+        self._ids = ids
+        self._pending: dict[str, dict[str, None]] = {}
+        self._call: Optional[IDelayedCall] = None
+
+    def queue(self, doc_id: str, fields: Iterable[str]) -> None:
+        batch = self._pending.get(doc_id)
+        if batch is None:
+            batch = self._pending[doc_id] = {}
+        batch.update(dict.fromkeys(fields))
+        if self._call is None:
+            self._call = self._clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send everything queued now (also called at shutdown, before sockets close)."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        pending, self._pending = self._pending, {}
+        now = int(self._clock.seconds() * 1000)
+        for doc_id, batch in pending.items():
+            doc = self._registry.peek(doc_id)
+            recipients = [s for s in self._registry.subscribers(doc_id) if s.authenticated]
+            if doc is None or not recipients:
+                continue
+            values = doc.fields
+            for field in batch:
+                frame = Frame(
+                    "delta",
+                    now,
+                    {
+                        "id": self._ids(now),
+                        "documentId": doc_id,
+                        "field": field,
+                        "value": values.get(field, TOMBSTONE),
+                        "clock": doc.clock,
+                        "clientId": "server",
+                    },
+                )
+                for recipient in recipients:
+                    recipient.send(frame)

@@ -1,0 +1,114 @@
+"""
+The document registry: which documents are cached, and which connections subscribe to each.
+
+Documents load lazily from storage and stay cached, least recently used first out, up to a bound
+(PROTOCOL.md section 6.8).  A document with subscribers is never evicted.  Concurrent opens of a
+document that is still loading share one load, so every connection mutates the same object.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable, Iterator, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from synckit.pubsub.interface import IPubSub
+from synckit.storage.interface import IStorage, StoredDocument
+from synckit.sync.document import Document
+
+
+class DocumentRegistry:
+    _log = Logger()
+
+    def __init__(self, storage: IStorage, pubsub: IPubSub, capacity: int = 1000) -> None:
+        self._storage = storage
+        self._pubsub = pubsub
+        self._capacity = capacity
+        self._docs: OrderedDict[str, Document] = OrderedDict()
+        self._loading: dict[str, list[Deferred]] = {}
+        self._subscribers: dict[str, set[Hashable]] = {}
+
+    def open(self, doc_id: str) -> "Deferred[Document]":
+        """The document, from the cache or from storage (empty if it was never written)."""
+        doc = self._docs.get(doc_id)
+        if doc is not None:
+            self._docs.move_to_end(doc_id)
+            return succeed(doc)
+        d: Deferred = Deferred()
+        waiters = self._loading.setdefault(doc_id, [])
+        waiters.append(d)
+        if len(waiters) == 1:
+            self._storage.load(doc_id).addCallbacks(
+                self._loaded, self._load_failed, callbackArgs=(doc_id,), errbackArgs=(doc_id,)
+            )
+        return d
+
+    def _loaded(self, stored: Optional[StoredDocument], doc_id: str) -> None:
+        if stored is None:
+            doc = Document(doc_id)
+        else:
+            doc = Document(doc_id, stored.fields, stored.clock, stored.text)
+        self._docs[doc_id] = doc
+        self._pubsub.watch(doc_id)
+        self._evict()
+        for waiter in self._loading.pop(doc_id):
+            waiter.callback(doc)
+
+    def _load_failed(self, failure: Failure, doc_id: str) -> None:
+        # Serving an empty document in place of one storage could not read would let clients
+        # overwrite what they never saw; the request fails instead and the client retries.
+        self._log.failure("loading document {doc} failed", failure, doc=doc_id)
+        for waiter in self._loading.pop(doc_id):
+            waiter.errback(failure)
+
+    def _evict(self) -> None:
+        if len(self._docs) <= self._capacity:
+            return
+        for doc_id in list(self._docs):
+            if len(self._docs) <= self._capacity:
+                break
+            if not self._subscribers.get(doc_id):
+                del self._docs[doc_id]
+                self._pubsub.unwatch(doc_id)
+
+    def peek(self, doc_id: str) -> Optional[Document]:
+        """The cached document, without loading it or touching its LRU position."""
+        return self._docs.get(doc_id)
+
+    def documents(self) -> Iterator[Document]:
+        return iter(self._docs.values())
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def subscribe(self, doc_id: str, subscriber: Hashable) -> None:
+        self._subscribers.setdefault(doc_id, set()).add(subscriber)
+
+    def unsubscribe(self, doc_id: str, subscriber: Hashable) -> None:
+        subscribers = self._subscribers.get(doc_id)
+        if subscribers is not None:
+            subscribers.discard(subscriber)
+            if not subscribers:
+                del self._subscribers[doc_id]
+
+    def subscribers(self, doc_id: str) -> set[Hashable]:
+        return self._subscribers.get(doc_id, set())
+
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subscribers.values())
+
+    def clear(self) -> Deferred:
+        """
+        Forget every document, in the cache and in storage (the test reset endpoint).  Documents
+        that still have subscribers are emptied in place, so those connections stay subscribed.
+        """
+        for doc_id in list(self._docs):
+            if self._subscribers.get(doc_id):
+                self._docs[doc_id].reset()
+            else:
+                del self._docs[doc_id]
+                self._pubsub.unwatch(doc_id)
+        return self._storage.clear()

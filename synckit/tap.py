@@ -1,0 +1,63 @@
+"""
+``twistd synckit``: command-line options and the service they describe.
+
+Every setting of L{synckit.config.SETTINGS} is an option; any of them may also come from its
+environment variable or from the config file (``--config``, or ``SYNCKIT_CONFIG``), the command
+line winning.  Values are checked here, before the reactor starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+from twisted.python import usage
+
+from synckit import __version__
+from synckit.config import SETTINGS, ConfigError, defaults, load
+
+
+def _option_help(setting: Any, default: Any) -> str:
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    if isinstance(shown, bool):
+        shown = str(shown).lower()
+    env = f"; env {setting.env}" if setting.env else ""
+    secret = setting.field == "jwt_secret"
+    return f"{setting.help} [default: {'(built in, development only)' if secret else shown}{env}]"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "A SyncKit sync server: HTTP and the WebSocket endpoint /ws on one port. "
+        "Each option may also be set by the environment variable named in its help, or in the "
+        "[synckit] section of the config file; the command line wins, then the environment, "
+        "then the file."
+    )
+    optParameters = [["config", "c", None, "config file (INI, [synckit] section) [env SYNCKIT_CONFIG]"]] + [
+        [setting.option, None, None, _option_help(setting, defaults()[setting.field])] for setting in SETTINGS
+    ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"synckit {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        config_file = self["config"] or os.environ.get("SYNCKIT_CONFIG")
+        try:
+            self.config = load({s.option: self[s.option] for s in SETTINGS}, os.environ, config_file)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
+    """Build the service tree; nothing listens or connects until it starts."""
+    if reactor is None:
+        from twisted.internet import reactor  # not at import: twistd may choose another reactor
+    from synckit.pubsub.local import LocalBus, LocalPubSub
+    from synckit.service import SyncKitService
+    from synckit.storage.memory import MemoryStorage
+
+    return SyncKitService(options.config, reactor, MemoryStorage(), LocalPubSub(LocalBus(reactor)))

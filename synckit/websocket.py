@@ -1,0 +1,92 @@
+"""
+The WebSocket adapter: Autobahn on one side, a L{synckit.session.Session} on the other.
+
+It holds no sync logic.  It works out the client's address at the handshake, opens a session,
+hands it every message, and sends the frames the session gives it, as Autobahn prepared messages
+cached on the frame: a broadcast to a thousand subscribers is framed once.  The wire protocol is
+in ../shared/PROTOCOL.md (sections 2-4); the session module says how a message is handled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.logger import Logger
+
+from synckit.config import Config
+from synckit.server import SyncServer
+from synckit.session import Session
+from synckit.wire import Frame
+
+
+def client_ip(headers: dict[str, str], peer: str) -> str:
+    """
+    The client's address as the reference takes it: the first ``X-Forwarded-For`` entry, else
+    ``X-Real-IP``, else the socket's peer (spoofable through the headers, as there).
+    """
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        return forwarded.split(",")[0].strip()
+    real = headers.get("x-real-ip")
+    if real:
+        return real.strip()
+    # Autobahn's peer is "tcp:1.2.3.4:5678" or "tcp6:::1:5678".
+    address = peer.partition(":")[2].rpartition(":")[0]
+    return address or "unknown"
+
+
+class SyncProtocol(WebSocketServerProtocol):
+    _log = Logger()  # Autobahn owns .log
+    factory: "SyncFactory"
+    _session: Optional[Session] = None
+    _ip = "unknown"
+
+    def onConnect(self, request: Any) -> None:
+        self._ip = client_ip(request.headers, request.peer)
+
+    def onOpen(self) -> None:
+        self._session = self.factory.sync_server.open_session(self, self._ip)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._session is not None:
+            self._session.receive(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if self._session is not None:
+            self._session.closed()
+            self._session = None
+
+    # synckit.session.Client
+
+    def send_frame(self, frame: Frame, binary: bool) -> None:
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        prepared = frame.cache.get(binary)
+        if prepared is None:
+            prepared = frame.cache[binary] = self.factory.prepareMessage(frame.encoded(binary), binary)
+        self.sendPreparedMessage(prepared)
+
+    def close(self, code: int, reason: str) -> None:
+        # sendClose() refuses the protocol's own codes (1001, 1008); the frame method does not.
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
+
+
+class SyncFactory(WebSocketServerFactory):
+    protocol = SyncProtocol
+
+    def __init__(self, server: SyncServer, config: Config) -> None:
+        super().__init__(url=None)  # a URL would pin the port, and port 0 is refused
+        self.sync_server = server  # not .server: Autobahn sends that as the Server header
+        interval = config.heartbeat_interval / 1000
+        self.setProtocolOptions(
+            maxMessagePayloadSize=config.max_frame_size,
+            maxFramePayloadSize=config.max_frame_size,
+            autoPingInterval=interval,
+            autoPingTimeout=interval,
+            # Close over-size messages with 1009 instead of dropping TCP, so replies already
+            # queued for that client are delivered first.
+            failByDrop=False,
+        )

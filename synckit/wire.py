@@ -1,0 +1,208 @@
+"""
+The SyncKit wire codec: WebSocket message bytes <-> message dicts.
+
+Two encodings share one connection (PROTOCOL.md section 2):
+
+- binary frames, ``[u8 type code][i64 BE timestamp ms][u32 BE payload length][JSON payload]``,
+  used by the SDK and the test client;
+- JSON text, one object with ``type``, ``id`` and ``timestamp`` beside the other members.
+
+A message that starts with ``{`` is JSON, anything else is binary, whatever WebSocket opcode it
+came in.  Messages are plain dicts, as the protocol is JSON: decoding yields a dict that always has
+``type``, ``id`` and ``timestamp``; encoding takes an L{Frame}, which serialises each encoding at
+most once however many connections it is sent to.
+
+This module does no I/O and imports nothing from Twisted or Autobahn, so the codec can be tested
+and fuzzed on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import struct
+from typing import Any, Callable, Optional
+
+import orjson
+
+Message = dict[str, Any]
+
+#: Type codes of the binary encoding, as in the SDK's ``client.ts`` (PROTOCOL.md table 2.2).
+TYPE_CODES: dict[str, int] = {
+    "auth": 0x01,
+    "auth_success": 0x02,
+    "auth_error": 0x03,
+    "subscribe": 0x10,
+    "unsubscribe": 0x11,
+    "sync_request": 0x12,
+    "sync_response": 0x13,
+    "sync_step1": 0x14,
+    "sync_step2": 0x15,
+    "delta": 0x20,
+    "ack": 0x21,
+    "delta_batch_chunk": 0x23,
+    "ping": 0x30,
+    "pong": 0x31,
+    "awareness_update": 0x40,
+    "awareness_subscribe": 0x41,
+    "awareness_state": 0x42,
+    "delta_batch": 0x50,
+    "error": 0xFF,
+}
+CODE_TYPES: dict[int, str] = {code: name for name, code in TYPE_CODES.items()}
+
+HEADER = struct.Struct(">BqI")
+HEADER_SIZE = HEADER.size  # 13
+
+_JSON_START = 0x7B  # "{"
+
+
+class DecodeError(ValueError):
+    """
+    The bytes are not a SyncKit message.  The connection survives it: the session answers with
+    an ``Invalid message format`` error.
+    """
+
+
+def _loads(raw: bytes) -> Any:
+    """
+    Parse JSON from UTF-8 bytes.  Invalid UTF-8 is replaced with U+FFFD first, as the
+    reference's ``Buffer.toString('utf8')`` does; the fast path is one orjson call.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return orjson.loads(raw.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError as e:
+        raise DecodeError(f"invalid JSON: {e}") from None
+
+
+def decode(data: bytes, new_id: Callable[[], str]) -> Message:
+    """
+    Decode one WebSocket message.
+
+    @param data: the message bytes (text frames as their UTF-8 bytes).
+    @param new_id: makes an id for a binary message whose payload has none; the reference does
+        the same, and correlation fields (``requestId``, ``messageId``) then carry that id.
+    @raise DecodeError: for anything that is not a valid message.
+    """
+    if data[:1] == b"{":
+        return _decode_json(data)
+    return _decode_binary(data, new_id)
+
+
+def _decode_json(data: bytes) -> Message:
+    obj = _loads(data)
+    if not isinstance(obj, dict):
+        raise DecodeError("JSON message is not an object")
+    # The reference checks truthiness before flattening, so these must be at the top level.
+    if not obj.get("type") or not obj.get("id") or not obj.get("timestamp"):
+        raise DecodeError("JSON message lacks type, id or timestamp")
+    nested = obj.get("payload")
+    if isinstance(nested, dict):
+        members = nested.items()
+    elif isinstance(nested, list):
+        members = ((str(i), v) for i, v in enumerate(nested))
+    else:
+        return obj
+    flat = {k: v for k, v in obj.items() if k != "payload"}
+    for k, v in members:
+        if k != "type":
+            flat[k] = v
+    return flat
+
+
+def _decode_binary(data: bytes, new_id: Callable[[], str]) -> Message:
+    if len(data) < HEADER_SIZE:
+        raise DecodeError(f"binary frame of {len(data)} bytes is shorter than its header")
+    code, timestamp, length = HEADER.unpack_from(data)
+    end = HEADER_SIZE + length
+    if len(data) < end:
+        raise DecodeError(f"binary frame declares {length} payload bytes, has {len(data) - HEADER_SIZE}")
+    name = CODE_TYPES.get(code)
+    if name is None:
+        raise DecodeError(f"unknown type code 0x{code:02x}")
+    payload = _loads(data[HEADER_SIZE:end])
+    if payload is None:
+        payload = {}
+    elif not isinstance(payload, dict):
+        raise DecodeError("binary payload is not a JSON object")
+    # Reference order: generated id, header timestamp, then every payload member (so a payload
+    # id or timestamp overrides), and the header's type last (a payload type is ignored).
+    message: Message = {"id": payload.get("id") or new_id(), "timestamp": timestamp}
+    message.update(payload)
+    message["type"] = name
+    return message
+
+
+def json_length(message: Message) -> int:
+    """
+    Length of C{message} re-serialised as compact JSON, in characters: what the reference's size
+    limit measures (it counts UTF-16 code units; code points are close enough).
+    """
+    return len(orjson.dumps(message).decode("utf-8"))
+
+
+def may_exceed(raw_size: int, limit: int) -> bool:
+    """
+    Whether a message that arrived as C{raw_size} bytes could re-serialise to more than C{limit}
+    characters.  UTF-8 never has fewer bytes than characters, and re-serialising adds at most the
+    header's type, id and timestamp, so smaller messages skip the exact (costly) measurement.
+    """
+    return raw_size + 256 > limit
+
+
+class Frame:
+    """
+    One outgoing message.  Its binary and JSON encodings are each made once, on first use, and
+    then shared by every connection it is sent to: a broadcast is serialised once, not once per
+    subscriber.
+
+    @ivar cache: free for the transport adapter to keep its framed form of each encoding in.
+    """
+
+    __slots__ = ("type", "timestamp", "body", "_binary", "_text", "cache")
+
+    def __init__(self, type: str, timestamp: int, body: Message) -> None:
+        self.type = type
+        self.timestamp = timestamp
+        self.body = body
+        self._binary: Optional[bytes] = None
+        self._text: Optional[bytes] = None
+        self.cache: dict[bool, Any] = {}
+
+    def binary(self) -> bytes:
+        """The binary frame: header, then the body (which carries ``id`` but not type/timestamp)."""
+        if self._binary is None:
+            payload = orjson.dumps(self.body)
+            self._binary = HEADER.pack(TYPE_CODES[self.type], self.timestamp, len(payload)) + payload
+        return self._binary
+
+    def text(self) -> bytes:
+        """The JSON encoding: the whole message, type and timestamp included, as UTF-8."""
+        if self._text is None:
+            self._text = orjson.dumps({"type": self.type, "timestamp": self.timestamp, **self.body})
+        return self._text
+
+    def encoded(self, binary: bool) -> bytes:
+        return self.binary() if binary else self.text()
+
+    def message(self) -> Message:
+        """The message as a client decodes it, for logs and tests."""
+        return {"type": self.type, "timestamp": self.timestamp, **self.body}
+
+
+class MessageIds:
+    """
+    Fresh ids for server-originated messages, ``<ms>-<process tag><counter>``.  Clients treat
+    ids as opaque strings; the random tag keeps two server processes from repeating each other.
+    """
+
+    def __init__(self) -> None:
+        self._tag = secrets.token_hex(3)
+        self._counter = itertools.count(1)
+
+    def __call__(self, now_ms: int) -> str:
+        return f"{now_ms}-{self._tag}{next(self._counter):x}"

@@ -54,6 +54,11 @@ class SyncProtocol(WebSocketServerProtocol):
             self._session.receive(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        # Autobahn leaves its close-handshake timer running when the peer drops TCP instead of
+        # answering our close; cancel it so nothing of a closed connection stays scheduled.
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
         if self._session is not None:
             self._session.closed()
             self._session = None

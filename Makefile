@@ -1,0 +1,23 @@
+# The README's commands.  Everything a target needs it installs itself (Python venv, apt
+# packages when run as root), so both work on a fresh Debian machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TESTS ?= tests
+
+.PHONY: run test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	tools/bootstrap $(PYTHON) $(VENV)
+	touch $@
+
+run: install
+	$(BIN)/twistd --nodaemon --pidfile= synckit
+
+test: install
+	tools/run-tests $(BIN) $(TESTS)
+
+clean:
+	rm -rf $(VENV) _trial_temp build *.egg-info twisted/plugins/dropin.cache

@@ -1,0 +1,1 @@
+"""synckit's trial suite."""

@@ -1,0 +1,68 @@
+"""
+A real WebSocket client for integration tests: Autobahn on the running reactor, speaking the
+binary protocol, with Deferreds to wait for the messages a test expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
+
+from synckit import wire
+from tests.helpers import binary
+
+
+class RecordingClient(WebSocketClientProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[dict[str, Any]] = []
+        self.opened: Deferred = Deferred()
+        self.closed: Deferred = Deferred()
+        self._waiting: list[tuple[Callable[[dict[str, Any]], bool], Deferred]] = []
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        message = wire.decode(payload, lambda: "")
+        for entry in self._waiting:
+            if entry[0](message):
+                self._waiting.remove(entry)
+                entry[1].callback(message)
+                return
+        self.received.append(message)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(reason))
+        self.closed.callback((code, reason))
+
+    def send(self, kind: str, payload: Optional[dict[str, Any]] = None) -> None:
+        self.sendMessage(binary(kind, payload), isBinary=True)
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool]) -> Deferred:
+        """Fires with the first message, already received or yet to come, that C{match}es."""
+        for message in self.received:
+            if match(message):
+                self.received.remove(message)
+                d: Deferred = Deferred()
+                d.callback(message)
+                return d
+        d = Deferred()
+        self._waiting.append((match, d))
+        return d.addTimeout(5, reactor)
+
+    def wait_type(self, kind: str) -> Deferred:
+        return self.wait_for(lambda m: m["type"] == kind)
+
+
+async def connect(port: int, path: str = "/ws") -> RecordingClient:
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}")
+    factory.protocol = RecordingClient
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    await client.opened
+    return client

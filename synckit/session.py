@@ -25,6 +25,7 @@ from synckit import wire
 from synckit.auth import Identity
 from synckit.chunks import ChunkAssembler, ChunkError
 from synckit.limits import RateLimiter
+from synckit.tasks import run_now
 
 if TYPE_CHECKING:
     from synckit.server import SyncServer
@@ -182,8 +183,13 @@ class Session:
             return None
         if result is None:
             return None
-        waiting = Deferred.fromCoroutine(result)
-        waiting.addErrback(self._failed, handler.failure, message)
+        try:
+            waiting = run_now(result)
+        except Exception:
+            self._failed(Failure(), handler.failure, message)
+            return None
+        if waiting is not None:
+            waiting.addErrback(self._failed, handler.failure, message)
         return waiting
 
     def _failed(self, failure: Failure, fallback: tuple[str, bool], message: wire.Message) -> None:

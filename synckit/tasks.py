@@ -5,7 +5,7 @@ instances.  Failures are logged, never lost, and shutdown waits for what is stil
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Coroutine, Optional
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -39,3 +39,38 @@ class BackgroundTasks:
     def wait(self) -> Deferred:
         """Fires when everything running now has finished."""
         return DeferredList(list(self._running))
+
+
+def run_now(coroutine: Coroutine[Deferred, Any, Any]) -> Optional[Deferred]:
+    """
+    Run a coroutine as far as it can go now.
+
+    Returns C{None} if it finished without waiting (raising what it raised), or a Deferred for
+    its result if it is waiting on one.  L{Deferred.fromCoroutine} allocates several Deferreds
+    per call even when every awaited Deferred has already fired; a message handled entirely from
+    memory is the common case on the hot path, and here it costs none.
+    """
+    try:
+        awaited = coroutine.send(None)
+    except StopIteration:
+        return None
+    done: Deferred = Deferred()
+    awaited.addBoth(_resume, coroutine, done)
+    return done
+
+
+def _resume(result: Any, coroutine: Coroutine[Deferred, Any, Any], done: Deferred) -> None:
+    # The awaited Deferred has fired: a value is read by Deferred.__await__ when resumed, a
+    # failure is raised into the coroutine here.  Either way the coroutine has taken the result
+    # over, and the awaited Deferred is left holding None.
+    try:
+        if isinstance(result, Failure):
+            awaited = result.throwExceptionIntoGenerator(coroutine)  # type: ignore[arg-type]
+        else:
+            awaited = coroutine.send(None)
+    except StopIteration as stop:
+        done.callback(stop.value)
+    except BaseException:
+        done.errback()
+    else:
+        awaited.addBoth(_resume, coroutine, done)

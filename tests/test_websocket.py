@@ -1,0 +1,120 @@
+"""
+The Autobahn adapter over an in-memory transport (iosim) with time on a Clock: heartbeats,
+close codes and reply framing, with no sockets and no sleeps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txaio
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from synckit import wire
+from synckit.websocket import SyncFactory, client_ip
+from tests.helpers import Harness, binary
+
+
+class Recorder(WebSocketClientProtocol):
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[dict[str, Any], bool]] = []
+        self.close_info: Any = None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.append((wire.decode(payload, lambda: ""), isBinary))
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        self.close_info = (wasClean, code, reason)
+
+
+class AdapterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        # Autobahn schedules its timers (auto-ping, handshake timeouts) through txaio's loop.
+        self.patch(txaio.config, "loop", self.clock)
+
+    def connect(self, harness: Harness, **options: Any) -> tuple[iosim.IOPump, Recorder, Any]:
+        factory = SyncFactory(harness.server, harness.server.config)
+        if options:
+            factory.setProtocolOptions(**options)
+        client_factory = WebSocketClientFactory("ws://localhost/ws")
+        client_factory.protocol = Recorder
+        server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+        pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
+        return pump, client, server
+
+    def test_replies_in_binary_frames(self) -> None:
+        """A binary request is answered with a binary frame the client can decode."""
+        pump, client, _ = self.connect(Harness(clock=self.clock))
+        client.sendMessage(binary("ping", {"id": "p"}), isBinary=True)
+        pump.flush()
+        [(message, is_binary)] = client.received
+        self.assertEqual((message["type"], is_binary), ("pong", True))
+
+    def test_text_frames_switch_to_json(self) -> None:
+        """After a text frame, replies are JSON text frames (PROTOCOL.md R-1)."""
+        pump, client, _ = self.connect(Harness(clock=self.clock))
+        client.sendMessage(b'{"type":"ping","id":"p","timestamp":1}', isBinary=False)
+        pump.flush()
+        [(message, is_binary)] = client.received
+        self.assertEqual((message["type"], is_binary), ("pong", False))
+
+    def test_silent_peer_is_dropped(self) -> None:
+        """
+        A peer that stops answering WebSocket pings is dropped after the heartbeat timeout, and
+        its session is forgotten.
+        """
+        harness = Harness(clock=self.clock, heartbeat_interval=30_000)
+        pump, client, server = self.connect(harness)
+        self.assertEqual(len(harness.server.sessions), 1)
+        self.clock.advance(30)  # the server pings; the client never sees it (no pump)
+        self.clock.advance(31)  # no pong within the timeout
+        pump.flush()
+        self.assertEqual(len(harness.server.sessions), 0)
+        self.assertTrue(server.transport.disconnecting or server.transport.disconnected)
+
+    def test_answering_peer_stays(self) -> None:
+        """A peer that answers pings (Autobahn does so itself) stays connected through many intervals."""
+        harness = Harness(clock=self.clock, heartbeat_interval=30_000)
+        pump, client, _ = self.connect(harness)
+        for _ in range(5):
+            self.clock.advance(30)
+            pump.flush()
+        self.assertEqual(len(harness.server.sessions), 1)
+        self.assertIsNone(client.close_info)
+
+    def test_auth_failure_closes_1008(self) -> None:
+        """A bad token gets auth_error, then a close frame with 1008 "Authentication failed"."""
+        pump, client, _ = self.connect(Harness(clock=self.clock))
+        client.sendMessage(binary("auth", {"id": "a", "token": "not-a-jwt"}), isBinary=True)
+        pump.flush()
+        self.assertEqual([m["type"] for m, _ in client.received], ["auth_error"])
+        self.assertEqual(client.close_info, (True, 1008, "Authentication failed"))
+
+    def test_no_timers_left_after_close(self) -> None:
+        """Once a connection is closed, nothing of it remains scheduled."""
+        harness = Harness(clock=self.clock, heartbeat_interval=30_000)
+        pump, client, _ = self.connect(harness)
+        harness.server.close_all(1001, "Server shutdown")
+        pump.flush()
+        self.assertEqual(client.close_info, (True, 1001, "Server shutdown"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ClientAddressTests(SynchronousTestCase):
+    def test_forwarded_for_first(self) -> None:
+        """The first X-Forwarded-For entry wins, trimmed."""
+        self.assertEqual(client_ip({"x-forwarded-for": " 10.0.0.1 , 10.0.0.2", "x-real-ip": "9.9.9.9"}, "tcp:1.2.3.4:5"), "10.0.0.1")
+
+    def test_real_ip_then_peer(self) -> None:
+        """X-Real-IP comes next, then the socket's peer, IPv4 or IPv6."""
+        self.assertEqual(client_ip({"x-real-ip": "9.9.9.9"}, "tcp:1.2.3.4:5"), "9.9.9.9")
+        self.assertEqual(client_ip({}, "tcp:1.2.3.4:5678"), "1.2.3.4")
+        self.assertEqual(client_ip({}, "tcp6:::1:5678"), "::1")
+        self.assertEqual(client_ip({}, ""), "unknown")

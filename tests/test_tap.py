@@ -1,0 +1,81 @@
+"""The twistd plugin and makeService: what an operator sees from the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from synckit import __version__
+from synckit.config import SETTINGS
+from synckit.service import SyncKitService
+from synckit.tap import Options, makeService
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def twistd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TWISTD, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        cwd=os.path.join(os.path.dirname(__file__), ".."),
+    )
+
+
+class PluginTests(SynchronousTestCase):
+    def test_help_lists_every_option(self) -> None:
+        """`twistd synckit --help` documents every setting with its environment variable."""
+        result = twistd("synckit", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        flat = " ".join(result.stdout.split())
+        for setting in SETTINGS:
+            self.assertIn(f"--{setting.option}=", flat)
+            self.assertIn(f"env {setting.env}", flat)
+
+    def test_version(self) -> None:
+        """`twistd -n synckit --version` prints the version and exits 0."""
+        result = twistd("-n", "synckit", "--version")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, f"synckit {__version__}"))
+
+    def test_bad_option_fails_before_starting(self) -> None:
+        """A bad value stops twistd with an error naming the option, before anything listens."""
+        result = twistd("-n", "--pidfile=", "synckit", "--port", "eighty")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("--port", result.stdout + result.stderr)
+        self.assertNotIn("listening", result.stdout + result.stderr)
+
+    def test_bad_environment_fails_naming_the_variable(self) -> None:
+        """A bad environment value is reported with the variable's name."""
+        result = twistd("-n", "--pidfile=", "synckit", env={"SYNCKIT_AUTH_REQUIRED": "nope"})
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("SYNCKIT_AUTH_REQUIRED", result.stdout + result.stderr)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_builds_without_io(self) -> None:
+        """makeService builds the tree; nothing listens until the service starts and the reactor runs."""
+        options = Options()
+        options.parseOptions(["--port", "0", "--host", "127.0.0.1"])
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor)
+        self.assertIsInstance(service, SyncKitService)
+        self.assertEqual(reactor.tcpServers, [])
+        service.startService()
+        reactor.run()  # MemoryReactor runs the callWhenRunning calls
+        self.assertEqual([(port, interface) for port, _, _, interface in reactor.tcpServers], [(0, "127.0.0.1")])
+
+    def test_localhost_listens_on_both_loopbacks(self) -> None:
+        """HOST=localhost binds 127.0.0.1 and ::1, since clients may resolve it to either."""
+        options = Options()
+        options.parseOptions(["--port", "8090", "--host", "localhost"])
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor)
+        service.startService()
+        reactor.run()
+        self.assertEqual([interface for _, _, _, interface in reactor.tcpServers], ["127.0.0.1", "::1"])

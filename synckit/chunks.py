@@ -18,7 +18,9 @@ def decode_base64(data: str) -> bytes:
     """Decode leniently, as Node does: URL-safe alphabet, junk characters and missing padding."""
     raw = data.encode("ascii", "ignore").replace(b"-", b"+").replace(b"_", b"/")
     raw = _NOT_BASE64.sub(b"", raw)
-    raw = raw[: len(raw) - len(raw) % 4] + {0: b"", 2: b"==", 3: b"="}.get(len(raw) % 4, b"")
+    if len(raw) % 4 == 1:
+        raw = raw[:-1]  # a lone trailing character carries no whole byte
+    raw += b"=" * (-len(raw) % 4)
     try:
         return base64.b64decode(raw)
     except binascii.Error:

@@ -64,10 +64,12 @@ def _integer(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int
 
 
 def _boolean(text: str) -> bool:
-    """Only the two words: for a security switch, a typo must not silently pick a side."""
-    value = text.strip().lower()
-    if value in ("true", "false"):
-        return value == "true"
+    """
+    Exactly ``true`` or ``false``.  The reference turns auth off only for the exact string
+    ``false``; anything else that looks like a boolean is refused rather than guessed at.
+    """
+    if text in ("true", "false"):
+        return text == "true"
     raise ValueError("must be true or false")
 
 
@@ -160,6 +162,8 @@ def _read_file(path: str) -> dict[str, str]:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
     except configparser.Error as e:
         raise ConfigError(f"config file {path}: {e}") from None
+    if parser.defaults():
+        raise ConfigError(f"config file {path}: settings go in [synckit], not [{parser.default_section}]")
     for section in parser.sections():
         if section != "synckit":
             raise ConfigError(f"config file {path}: unknown section [{section}] (settings go in [synckit])")

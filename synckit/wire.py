@@ -64,19 +64,50 @@ class DecodeError(ValueError):
     """
 
 
+#: Deepest nesting a message may have.  orjson cannot encode values nested much deeper (about
+#: 254 levels), and a value that was accepted must be broadcast and served back later.
+MAX_DEPTH = 200
+
+
+def js_truthy(value: Any) -> bool:
+    """Truthiness as JavaScript has it: empty arrays and objects are true, NaN is false."""
+    if isinstance(value, (dict, list)):
+        return True
+    if isinstance(value, float) and value != value:
+        return False
+    return bool(value)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
 def _loads(raw: bytes) -> Any:
     """
     Parse JSON from UTF-8 bytes.  Invalid UTF-8 is replaced with U+FFFD first, as the
     reference's ``Buffer.toString('utf8')`` does; the fast path is one orjson call.
     """
     try:
-        return orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        pass
-    try:
-        return orjson.loads(raw.decode("utf-8", "replace"))
-    except orjson.JSONDecodeError as e:
-        raise DecodeError(f"invalid JSON: {e}") from None
+        try:
+            value = orjson.loads(raw.decode("utf-8", "replace"))
+        except orjson.JSONDecodeError as e:
+            raise DecodeError(f"invalid JSON: {e}") from None
+    # Only a message with that many brackets can be that deep: the exact walk is rarely needed.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise DecodeError(f"nested more than {MAX_DEPTH} levels deep")
+    return value
 
 
 def decode(data: bytes, new_id: Callable[[], str]) -> Message:
@@ -98,7 +129,7 @@ def _decode_json(data: bytes) -> Message:
     if not isinstance(obj, dict):
         raise DecodeError("JSON message is not an object")
     # The reference checks truthiness before flattening, so these must be at the top level.
-    if not obj.get("type") or not obj.get("id") or not obj.get("timestamp"):
+    if not (js_truthy(obj.get("type")) and js_truthy(obj.get("id")) and js_truthy(obj.get("timestamp"))):
         raise DecodeError("JSON message lacks type, id or timestamp")
     nested = obj.get("payload")
     if isinstance(nested, dict):
@@ -131,7 +162,7 @@ def _decode_binary(data: bytes, new_id: Callable[[], str]) -> Message:
         raise DecodeError("binary payload is not a JSON object")
     # Reference order: generated id, header timestamp, then every payload member (so a payload
     # id or timestamp overrides), and the header's type last (a payload type is ignored).
-    message: Message = {"id": payload.get("id") or new_id(), "timestamp": timestamp}
+    message: Message = {"id": payload["id"] if js_truthy(payload.get("id")) else new_id(), "timestamp": timestamp}
     message.update(payload)
     message["type"] = name
     return message
@@ -148,10 +179,11 @@ def json_length(message: Message) -> int:
 def may_exceed(raw_size: int, limit: int) -> bool:
     """
     Whether a message that arrived as C{raw_size} bytes could re-serialise to more than C{limit}
-    characters.  UTF-8 never has fewer bytes than characters, and re-serialising adds at most the
-    header's type, id and timestamp, so smaller messages skip the exact (costly) measurement.
+    characters, so that smaller messages skip the exact (costly) measurement.  UTF-8 never has
+    fewer bytes than characters; what can grow is numbers (``1e15`` comes back as
+    ``1000000000000000.0``, 4.5 times longer) and the header's type, id and timestamp.
     """
-    return raw_size + 256 > limit
+    return raw_size * 5 + 256 > limit
 
 
 class Frame:

@@ -7,6 +7,7 @@ storage closes.
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Optional
 
 from twisted.application.service import MultiService
@@ -35,6 +36,28 @@ def interfaces(host: str) -> list[str]:
     if host == "localhost":
         return ["127.0.0.1", "::1"]
     return [host]
+
+
+def exit_zero_on_signals(reactor: Any) -> None:
+    """
+    Make SIGTERM and SIGINT stop the reactor like any shutdown, so that after the graceful stop
+    (1001 closes, pending broadcasts sent) twistd exits 0.  Twisted's own handlers record the
+    signal and re-raise it once the reactor has stopped, so the process would die by the signal
+    (exit 143) however cleanly it shut down.  Called once the reactor runs, after Twisted has
+    installed its handlers.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        reactor.callFromThread(_stop_for_signal, reactor, signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+
+
+def _stop_for_signal(reactor: Any, name: str) -> None:
+    SyncKitService._log.info("received {signal}, shutting down", signal=name)
+    if reactor.running:
+        reactor.stop()
 
 
 class SyncKitService(MultiService):

@@ -54,10 +54,13 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     """Build the service tree; nothing listens or connects until it starts."""
-    if reactor is None:
-        from twisted.internet import reactor  # not at import: twistd may choose another reactor
     from synckit.pubsub.local import LocalBus, LocalPubSub
-    from synckit.service import SyncKitService
+    from synckit.service import SyncKitService, exit_zero_on_signals
     from synckit.storage.memory import MemoryStorage
+
+    if reactor is None:  # run by twistd: the process's own reactor and signals
+        from twisted.internet import reactor  # not at import: twistd may choose another reactor
+
+        reactor.callWhenRunning(exit_zero_on_signals, reactor)
 
     return SyncKitService(options.config, reactor, MemoryStorage(), LocalPubSub(LocalBus(reactor)))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -55,6 +58,39 @@ class PluginTests(SynchronousTestCase):
         result = twistd("-n", "--pidfile=", "synckit", env={"SYNCKIT_AUTH_REQUIRED": "nope"})
         self.assertEqual(result.returncode, 1)
         self.assertIn("SYNCKIT_AUTH_REQUIRED", result.stdout + result.stderr)
+
+
+class SignalTests(SynchronousTestCase):
+    def run_and_signal(self, signum: int) -> tuple[int, str]:
+        process = subprocess.Popen(
+            [*TWISTD, "-n", "--pidfile=", "synckit", "--port", "0", "--host", "127.0.0.1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=os.path.join(os.path.dirname(__file__), ".."),
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        output = b""
+        deadline = time.monotonic() + 30
+        while b"synckit listening" not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            output += os.read(process.stdout.fileno(), 4096)
+        self.assertIn(b"synckit listening", output)
+        process.send_signal(signum)
+        rest, _ = process.communicate(timeout=30)
+        return process.returncode, (output + rest).decode()
+
+    def test_sigterm_exits_zero(self) -> None:
+        """SIGTERM shuts the daemon down gracefully and it exits 0, not by the signal."""
+        code, output = self.run_and_signal(signal.SIGTERM)
+        self.assertEqual(code, 0, output)
+        self.assertIn("received SIGTERM, shutting down", output)
+
+    def test_sigint_exits_zero(self) -> None:
+        """SIGINT (Ctrl-C under `make run`) does the same."""
+        code, output = self.run_and_signal(signal.SIGINT)
+        self.assertEqual(code, 0, output)
 
 
 class MakeServiceTests(SynchronousTestCase):

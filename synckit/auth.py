@@ -51,6 +51,9 @@ class Permissions:
 
 EVERYONE = Permissions(frozenset({"*"}), frozenset({"*"}), False)
 ADMIN = Permissions(is_admin=True)
+#: as auth_success reports them; shared, as every anonymous connection has the same.
+EVERYONE_CLAIM = EVERYONE.to_claim()
+ADMIN_CLAIM = ADMIN.to_claim()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Coroutine, NamedTuple, Optional
 
-from synckit.auth import EVERYONE, Identity, InvalidToken
+from synckit.auth import EVERYONE, EVERYONE_CLAIM, Identity, InvalidToken
 from synckit.session import Reject, Session
 from synckit.storage.interface import FieldWrite
 from synckit.sync.broadcast import deliver
@@ -86,7 +86,7 @@ def on_auth(session: Session, message: Message) -> None:
             _auth_failed(session)
             return
     elif not server.config.auth_required:
-        identity = Identity("anonymous", EVERYONE, EVERYONE.to_claim())
+        identity = Identity("anonymous", EVERYONE, EVERYONE_CLAIM)
     else:
         session.error("Authentication required", {"code": "AUTH_REQUIRED"})
         session.close(1008, "Authentication required")

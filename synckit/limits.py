@@ -8,7 +8,6 @@ counts accepted messages in one-second buckets over a sliding minute: O(1) per m
 
 from __future__ import annotations
 
-from collections import deque
 
 
 class RateLimiter:
@@ -19,7 +18,8 @@ class RateLimiter:
     def __init__(self, limit: int, window: int = 60) -> None:
         self._limit = limit
         self._window = window
-        self._buckets: deque[list[int]] = deque()  # [second, count], oldest first
+        # [second, count], oldest first; a list, as it is short and most connections are idle.
+        self._buckets: list[list[int]] = []
         self._total = 0
 
     def allow(self, now: float) -> bool:
@@ -28,7 +28,7 @@ class RateLimiter:
         buckets = self._buckets
         cutoff = second - self._window
         while buckets and buckets[0][0] <= cutoff:
-            self._total -= buckets.popleft()[1]
+            self._total -= buckets.pop(0)[1]
         if self._total >= self._limit:
             return False
         self._total += 1

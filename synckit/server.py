@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from synckit.auth import ADMIN, EVERYONE, Identity, Tokens
+from synckit.auth import ADMIN, ADMIN_CLAIM, EVERYONE, EVERYONE_CLAIM, Identity, Tokens
 from synckit.config import Config
 from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
@@ -67,7 +67,7 @@ class SyncServer:
             return session
         self.sessions.add(session)
         if not self.config.auth_required:
-            session.authenticate(Identity(f"anonymous-{ip}", EVERYONE, EVERYONE.to_claim()))
+            session.authenticate(Identity(f"anonymous-{ip}", EVERYONE, EVERYONE_CLAIM))
         return session
 
     def session_closed(self, session: Session) -> None:
@@ -85,7 +85,7 @@ class SyncServer:
 
     def api_key_identity(self, key: Any) -> Optional[Identity]:
         if isinstance(key, str) and key in self.config.api_keys:
-            return Identity("api-key-user", ADMIN, ADMIN.to_claim())
+            return Identity("api-key-user", ADMIN, ADMIN_CLAIM)
         return None
 
     # Writes

@@ -14,7 +14,6 @@ them, and unexpected exceptions, into ``error`` frames.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from twisted.internet.defer import Deferred
@@ -50,6 +49,11 @@ class Reject(Exception):
 
 class Session:
     _log = Logger()
+    # A server holds thousands of these: no per-instance __dict__.
+    __slots__ = (
+        "server", "client", "id", "ip", "identity", "authenticated", "binary",
+        "subscriptions", "awareness", "chunks", "_rate", "_queue", "_busy", "_open", "__weakref__",
+    )  # fmt: skip
 
     def __init__(self, server: "SyncServer", client: Client, session_id: str, ip: str) -> None:
         self.server = server
@@ -62,9 +66,11 @@ class Session:
         self.binary = True
         self.subscriptions: set[str] = set()
         self.awareness: set[str] = set()
-        self.chunks = ChunkAssembler()
+        #: made on the first chunk: almost no connection ever sends one.
+        self.chunks: Optional[ChunkAssembler] = None
         self._rate = RateLimiter(server.config.max_messages_per_minute)
-        self._queue: deque[tuple[bytes, bool]] = deque()
+        #: messages waiting behind a handler that waits on storage; rarely more than a few.
+        self._queue: list[tuple[bytes, bool]] = []
         self._busy = False
         self._open = True
 
@@ -125,7 +131,7 @@ class Session:
 
     def _drain(self) -> None:
         while self._queue and self._open:
-            data, is_binary = self._queue.popleft()
+            data, is_binary = self._queue.pop(0)
             if not is_binary:
                 self.binary = False
             waiting = self._handle(data)
@@ -203,6 +209,8 @@ class Session:
         self.error(error, {"documentId": message.get("documentId")} if with_document else None)
 
     def _add_chunk(self, message: wire.Message) -> Optional[Deferred]:
+        if self.chunks is None:
+            self.chunks = ChunkAssembler()
         try:
             whole = self.chunks.add(message, self.server.clock.seconds())
         except ChunkError as e:

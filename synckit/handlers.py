@@ -106,7 +106,7 @@ def _auth_failed(session: Session) -> None:
 # Reading
 
 
-def _sync_response(session: Session, request: Message, doc: Document) -> dict[str, Any]:
+def _sync_response(request: Message, doc: Document) -> dict[str, Any]:
     # The clock is sent with sync_request answers too: the SDK needs a non-empty clock
     # whenever the state is non-empty.
     return {"requestId": request["id"], "documentId": doc.id, "state": doc.fields, "deltas": [], "clock": doc.clock}
@@ -120,7 +120,7 @@ async def on_subscribe(session: Session, message: Message) -> None:
     _permitted(identity.permissions.readable(doc_id), doc_id)
     doc = await session.server.registry.open(doc_id)
     session.subscribe(doc_id)
-    body = _sync_response(session, message, doc)
+    body = _sync_response(message, doc)
     if doc.text is not None:
         body["textState"], body["textClock"] = doc.text
     session.reply("sync_response", body)
@@ -132,7 +132,7 @@ async def on_sync_request(session: Session, message: Message) -> None:
     session.subscribe(doc_id)
     if message.get("vectorClock"):
         doc.merge_clock(message["vectorClock"])
-    session.reply("sync_response", _sync_response(session, message, doc))
+    session.reply("sync_response", _sync_response(message, doc))
 
 
 def on_unsubscribe(session: Session, message: Message) -> None:

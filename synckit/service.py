@@ -8,7 +8,7 @@ storage closes.
 from __future__ import annotations
 
 import signal
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred

@@ -19,7 +19,7 @@ from synckit.sync.broadcast import deliver
 from synckit.sync.document import TOMBSTONE, Document
 from synckit.wire import Frame, Message
 
-_DOCUMENT_ID = re.compile(r"^[a-zA-Z0-9_:-]+$")
+_DOCUMENT_ID = re.compile(r"[a-zA-Z0-9_:-]+")
 _PAGE_ID = re.compile(r"^\d{13,}")
 
 
@@ -30,7 +30,7 @@ def document_id(message: Message) -> str:
         raise Reject("Invalid document ID")
     if len(doc_id) > 256:
         raise Reject("Document ID too long")
-    if not _DOCUMENT_ID.match(doc_id):
+    if not _DOCUMENT_ID.fullmatch(doc_id):  # fullmatch: $ would let a trailing newline in
         raise Reject("Document ID contains invalid characters")
     return doc_id
 

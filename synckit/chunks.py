@@ -32,23 +32,36 @@ class ChunkError(ValueError):
 
 
 class _ChunkSet:
-    __slots__ = ("parts", "missing", "size", "started")
+    __slots__ = ("total", "parts", "started")
 
     def __init__(self, total: int, started: float) -> None:
-        self.parts: list[Optional[bytes]] = [None] * total
-        self.missing = total
-        self.size = 0
+        self.total = total
+        #: index -> bytes, filled as chunks arrive: a set announcing 1000 chunks costs nothing
+        #: until they come.
+        self.parts: dict[int, bytes] = {}
         self.started = started
 
 
 class ChunkAssembler:
-    """One connection's incomplete chunk sets."""
+    """
+    One connection's incomplete chunk sets.  Chunks bypass the rate limit (as in the reference),
+    so what one connection may hold is bounded here: a few open sets and a byte budget shared by
+    all of them.
+    """
 
-    def __init__(self, max_chunks: int = 1000, max_bytes: int = 16 * 1024 * 1024, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        max_chunks: int = 1000,
+        max_bytes: int = 16 * 1024 * 1024,
+        max_sets: int = 16,
+        timeout: float = 30.0,
+    ) -> None:
         self._max_chunks = max_chunks
         self._max_bytes = max_bytes
+        self._max_sets = max_sets
         self.timeout = timeout
         self._sets: dict[str, _ChunkSet] = {}
+        self._buffered = 0
 
     def __bool__(self) -> bool:
         return bool(self._sets)
@@ -57,7 +70,7 @@ class ChunkAssembler:
         """
         Store one chunk; returns the reassembled message bytes once every chunk is in.
 
-        @raise ChunkError: for a chunk outside the limits (its set is dropped).
+        @raise ChunkError: for a chunk outside the limits (a set over the byte budget is dropped).
         """
         chunk_id, total, index, data = (message.get(k) for k in ("chunkId", "totalChunks", "chunkIndex", "data"))
         if not isinstance(chunk_id, str) or not isinstance(data, str):
@@ -66,26 +79,29 @@ class ChunkAssembler:
         if chunk_set is None:
             if type(total) is not int or not 0 < total <= self._max_chunks:
                 raise ChunkError(f"totalChunks must be an integer from 1 to {self._max_chunks}")
+            if len(self._sets) >= self._max_sets:
+                raise ChunkError(f"more than {self._max_sets} chunk sets open at once")
             chunk_set = self._sets[chunk_id] = _ChunkSet(total, now)
-        if type(index) is not int or not 0 <= index < len(chunk_set.parts):
+        if type(index) is not int or not 0 <= index < chunk_set.total:
             raise ChunkError("chunkIndex out of range")
         part = decode_base64(data)
-        previous = chunk_set.parts[index]
-        if previous is None:
-            chunk_set.missing -= 1
-        chunk_set.size += len(part) - (len(previous) if previous is not None else 0)
-        if chunk_set.size > self._max_bytes:
-            del self._sets[chunk_id]
-            raise ChunkError(f"chunk set exceeds {self._max_bytes} bytes")
+        self._buffered += len(part) - len(chunk_set.parts.get(index, b""))
         chunk_set.parts[index] = part
-        if chunk_set.missing:
+        if self._buffered > self._max_bytes:
+            self._drop(chunk_id)
+            raise ChunkError(f"chunk sets exceed {self._max_bytes} bytes")
+        if len(chunk_set.parts) < chunk_set.total:
             return None
-        del self._sets[chunk_id]
-        return b"".join(chunk_set.parts)  # type: ignore[arg-type]
+        self._drop(chunk_id)
+        return b"".join(chunk_set.parts[i] for i in range(chunk_set.total))
+
+    def _drop(self, chunk_id: str) -> None:
+        chunk_set = self._sets.pop(chunk_id)
+        self._buffered -= sum(len(p) for p in chunk_set.parts.values())
 
     def expire(self, now: float) -> int:
         """Drop sets whose first chunk is older than the timeout; returns how many."""
         stale = [k for k, s in self._sets.items() if now - s.started > self.timeout]
         for chunk_id in stale:
-            del self._sets[chunk_id]
+            self._drop(chunk_id)
         return len(stale)

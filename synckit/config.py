@@ -79,6 +79,13 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _secret(text: str) -> str:
+    """Taken as it is: trimming would change the key, and tokens signed with it elsewhere."""
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in text.split(",") if w.strip())
 
@@ -132,7 +139,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", "PORT", _integer(0, 65535), "TCP port for HTTP and the WebSocket endpoint /ws"),
     Setting("host", "HOST", _text, "address to listen on; 'localhost' listens on 127.0.0.1 and ::1, '::' on every IPv4 and IPv6 address"),
     Setting("node_env", "NODE_ENV", _choice("development", "production", "test"), "deployment mode; 'production' refuses the default JWT secret"),
-    Setting("jwt_secret", "JWT_SECRET", _text, "HMAC key for JWTs, at least 32 characters (prefer the environment to the command line)"),
+    Setting("jwt_secret", "JWT_SECRET", _secret, "HMAC key for JWTs, at least 32 characters (prefer the environment to the command line)"),
     Setting("jwt_expires_in", "JWT_EXPIRES_IN", _duration, "access-token lifetime, e.g. 24h"),
     Setting("jwt_refresh_expires_in", "JWT_REFRESH_EXPIRES_IN", _duration, "refresh-token lifetime, e.g. 7d"),
     Setting("auth_required", "SYNCKIT_AUTH_REQUIRED", _boolean, "true: clients must send a valid token; false: every connection is an anonymous reader/writer"),
@@ -192,7 +199,8 @@ def load(
     for setting in SETTINGS:
         sources = (
             (cli.get(setting.option), f"--{setting.option}"),
-            (environ.get(setting.env) if setting.env else None, f"environment variable {setting.env}"),
+            # An empty variable counts as unset, as in the reference (and in most shells' intent).
+            (environ.get(setting.env) or None if setting.env else None, f"environment variable {setting.env}"),
             (file_values.get(setting.option), f"'{setting.option}' in {config_file}"),
         )
         for text, origin in sources:

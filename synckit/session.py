@@ -89,6 +89,10 @@ class Session:
         return self.identity
 
     def subscribe(self, doc_id: str) -> None:
+        # A handler that waited on storage may finish after the connection closed: a closed
+        # session must not become a subscriber again, or it would never be removed.
+        if not self._open:
+            return
         self.subscriptions.add(doc_id)
         self.server.registry.subscribe(doc_id, self)
 
@@ -171,17 +175,18 @@ class Session:
         if not self._rate.allow(self.server.clock.seconds()):
             self.error("Too many messages. Please slow down.", {"code": "RATE_LIMIT_EXCEEDED"})
             return None
-        kind = message["type"]
-        handler = self.server.handlers.get(kind) if isinstance(kind, str) else None
-        if handler is None:
-            self.error(f"Invalid message type: {kind}", {"code": "INVALID_MESSAGE"})
-            return None
+        # Size before type, as the reference validates.
         limit = self.server.config.max_message_size
         if wire.may_exceed(size, limit):
             length = wire.json_length(message)
             if length > limit:
                 self.error(f"Message too large ({length} bytes, max {limit})", {"code": "INVALID_MESSAGE"})
                 return None
+        kind = message["type"]
+        handler = self.server.handlers.get(kind) if isinstance(kind, str) else None
+        if handler is None:
+            self.error(f"Invalid message type: {kind}", {"code": "INVALID_MESSAGE"})
+            return None
         try:
             result = handler.function(self, message)
         except Exception:

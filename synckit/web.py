@@ -229,7 +229,7 @@ def refresh(server: SyncServer, request: Request, body: dict[str, Any]) -> tuple
         return 401, {"error": "Invalid or expired refresh token"}
     user_id = claims.get("userId")
     return 200, {
-        "accessToken": server.tokens.access_token(user_id, claims.get("email"), claims.get("permissions")),
+        "accessToken": server.tokens.access_token(user_id, claims.get("email") or "", claims.get("permissions")),
         "refreshToken": server.tokens.refresh_token(user_id),
     }
 

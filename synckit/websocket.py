@@ -94,4 +94,6 @@ class SyncFactory(WebSocketServerFactory):
             # Close over-size messages with 1009 instead of dropping TCP, so replies already
             # queued for that client are delivered first.
             failByDrop=False,
+            # A plain GET /ws is not a WebSocket: no Autobahn status page (it names versions).
+            webStatus=False,
         )

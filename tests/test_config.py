@@ -103,7 +103,7 @@ class ParseErrorTests(ConfigFileMixin, SynchronousTestCase):
             if setting.field == "api_keys":
                 continue  # an empty key list is valid
             self.assertConfigError({setting.option: "  "}, {}, None, f"--{setting.option}")
-            self.assertConfigError({}, {setting.env: "  "}, None, f"environment variable {setting.env}")
+            self.assertConfigError({}, {setting.env: "  "}, None, f"environment variable {setting.env}")  # blank, not empty
             path = self.write(f"[synckit]\n{setting.option} =\n")
             self.assertConfigError({}, {}, path, f"'{setting.option}'", path)
 
@@ -236,7 +236,7 @@ class AuthRequiredTests(SynchronousTestCase):
 
     def test_other_words_rejected(self) -> None:
         """Anything but true or false is refused naming the variable, so a typo cannot pick a side."""
-        for text in ("yes", "no", "1", "0", "", "off", "flase"):
+        for text in ("yes", "no", "1", "0", "off", "flase"):
             with self.assertRaises(ConfigError) as caught:
                 load({}, {"SYNCKIT_AUTH_REQUIRED": text})
             self.assertIn("SYNCKIT_AUTH_REQUIRED", str(caught.exception))
@@ -286,10 +286,22 @@ class DurationTests(SynchronousTestCase):
 
     def test_bad_durations(self) -> None:
         """Unknown units, signs, empty text and lifetimes under a second are refused, naming the variable."""
-        for text in ("soon", "h", "-1h", "5 fortnights", "", "999", "0s", "1h30m"):
+        for text in ("soon", "h", "-1h", "5 fortnights", "999", "0s", "1h30m"):
             with self.assertRaises(ConfigError) as caught:
                 load({}, {"JWT_EXPIRES_IN": text})
             self.assertIn("JWT_EXPIRES_IN", str(caught.exception))
+
+
+class EnvironmentTests(SynchronousTestCase):
+    def test_empty_variable_is_unset(self) -> None:
+        """An empty variable falls through to the file and the default, as in the reference."""
+        config = load({}, {"PORT": "", "SYNCKIT_AUTH_REQUIRED": "", "JWT_SECRET": "", "CORS_ORIGIN": ""})
+        self.assertEqual((config.port, config.auth_required, config.cors_origin), (8080, True, "*"))
+
+    def test_secret_is_not_trimmed(self) -> None:
+        """The JWT secret is used byte for byte: trimming would change the HMAC key."""
+        secret = " " + "s" * 40 + " "
+        self.assertEqual(load({}, {"JWT_SECRET": secret}).jwt_secret, secret)
 
 
 class TapOptionsTests(ConfigFileMixin, SynchronousTestCase):

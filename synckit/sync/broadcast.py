@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Iterable, Optional, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 from synckit.sync.document import TOMBSTONE
 from synckit.sync.registry import DocumentRegistry
@@ -36,6 +37,8 @@ def deliver(frame: Frame, recipients: Iterable[Recipient], exclude: Optional[Rec
 
 
 class Broadcaster:
+    _log = Logger()
+
     def __init__(self, clock: IReactorTime, registry: DocumentRegistry, ids: MessageIds) -> None:
         self._clock = clock
         self._registry = registry
@@ -60,23 +63,30 @@ class Broadcaster:
         pending, self._pending = self._pending, {}
         now = int(self._clock.seconds() * 1000)
         for doc_id, batch in pending.items():
-            doc = self._registry.peek(doc_id)
-            recipients = [s for s in self._registry.subscribers(doc_id) if s.authenticated]
-            if doc is None or not recipients:
-                continue
-            values = doc.fields
-            for field in batch:
-                frame = Frame(
-                    "delta",
-                    now,
-                    {
-                        "id": self._ids(now),
-                        "documentId": doc_id,
-                        "field": field,
-                        "value": values.get(field, TOMBSTONE),
-                        "clock": doc.clock,
-                        "clientId": "server",
-                    },
-                )
-                for recipient in recipients:
-                    recipient.send(frame)
+            try:
+                self._send(doc_id, batch, now)
+            except Exception:
+                # One document's failure must not cost the others their broadcasts.
+                self._log.failure("broadcasting {doc} failed", doc=doc_id)
+
+    def _send(self, doc_id: str, batch: dict[str, None], now: int) -> None:
+        doc = self._registry.peek(doc_id)
+        recipients = [s for s in self._registry.subscribers(doc_id) if s.authenticated]
+        if doc is None or not recipients:
+            return
+        values = doc.fields
+        for field in batch:
+            frame = Frame(
+                "delta",
+                now,
+                {
+                    "id": self._ids(now),
+                    "documentId": doc_id,
+                    "field": field,
+                    "value": values.get(field, TOMBSTONE),
+                    "clock": doc.clock,
+                    "clientId": "server",
+                },
+            )
+            for recipient in recipients:
+                recipient.send(frame)

@@ -33,15 +33,21 @@ def is_tombstone(value: Any) -> bool:
     return isinstance(value, dict) and value.get("__deleted") is True
 
 
+#: Largest clock counter accepted from a client: JavaScript's largest exact integer.  A larger
+#: one could be ticked past what the JSON encoder (and every JavaScript client) can represent,
+#: and the document could no longer be sent to anyone.
+MAX_COUNTER = 2**53 - 1
+
+
 def merge_clock(into: dict[str, int], other: Any) -> None:
     """
-    Element-wise maximum of C{other} into C{into}.  Entries that are not non-negative integers
-    are ignored (PROTOCOL.md R-3), as is anything that is not an object.
+    Element-wise maximum of C{other} into C{into}.  Entries that are not integers from 0 to
+    L{MAX_COUNTER} are ignored (PROTOCOL.md R-3), as is anything that is not an object.
     """
     if not isinstance(other, dict):
         return
     for key, value in other.items():
-        if type(value) is int and value >= 0 and value > into.get(key, -1):
+        if type(value) is int and 0 <= value <= MAX_COUNTER and value > into.get(key, -1):
             into[key] = value
 
 

@@ -53,7 +53,7 @@ class DocumentRegistry:
             doc = Document(doc_id, stored.fields, stored.clock, stored.text)
         self._docs[doc_id] = doc
         self._pubsub.watch(doc_id)
-        self._evict()
+        self._evict(keep=doc_id)
         for waiter in self._loading.pop(doc_id):
             waiter.callback(doc)
 
@@ -64,13 +64,18 @@ class DocumentRegistry:
         for waiter in self._loading.pop(doc_id):
             waiter.errback(failure)
 
-    def _evict(self) -> None:
+    def _evict(self, keep: str) -> None:
+        """
+        Drop idle documents, least recently used first, down to the capacity.  C{keep}, the one
+        just loaded, is never dropped: its opener is about to use it, and a second open would
+        otherwise build a second object for the same document.
+        """
         if len(self._docs) <= self._capacity:
             return
         for doc_id in list(self._docs):
             if len(self._docs) <= self._capacity:
                 break
-            if not self._subscribers.get(doc_id):
+            if doc_id != keep and not self._subscribers.get(doc_id):
                 del self._docs[doc_id]
                 self._pubsub.unwatch(doc_id)
 

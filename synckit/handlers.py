@@ -231,8 +231,7 @@ async def on_delta_batch(session: Session, message: Message) -> None:
 def on_awareness_subscribe(session: Session, message: Message) -> None:
     # Unlike the reference, presence is only for those who may read the document.
     doc_id = readable_document(session, message)
-    session.awareness.add(doc_id)
-    states = session.server.awareness.subscribe(doc_id, session)
+    states = session.server.subscribe_awareness(session, doc_id)
     session.reply("awareness_state", {"documentId": doc_id, "states": states})
 
 

@@ -18,6 +18,7 @@ from synckit.config import Config
 from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
 from synckit.pubsub.interface import IPubSub
+from synckit.pubsub.watches import Watches
 from synckit.session import Client, Session
 from synckit.storage.interface import FieldWrite, IStorage
 from synckit.sync.awareness import Awareness
@@ -39,7 +40,8 @@ class SyncServer:
         self.pubsub = pubsub
         self.ids = MessageIds()
         self.tasks = BackgroundTasks()
-        self.registry = DocumentRegistry(storage, pubsub, config.document_cache_size)
+        self.watches = Watches(pubsub)
+        self.registry = DocumentRegistry(storage, self.watches, config.document_cache_size)
         self.broadcaster = Broadcaster(clock, self.registry, self.ids)
         self.awareness = Awareness(config.awareness_timeout)
         self.tokens = Tokens(config.jwt_secret, config.jwt_expires_in, config.jwt_refresh_expires_in, clock)
@@ -59,7 +61,9 @@ class SyncServer:
         A new connection.  Over a connection limit, it is closed at once with 1008, after the
         handshake, as the reference does.
         """
-        session = Session(self, client, f"conn-{next(self._session_numbers)}", ip)
+        # The id is the writer in vector clocks and LWW stamps, so it must be unique across
+        # instances sharing documents: each numbers its connections from 1.
+        session = Session(self, client, f"conn-{next(self._session_numbers)}@{self.pubsub.instance_id}", ip)
         refusal = self.connections.admit(ip)
         if refusal is not None:
             self._log.info("refused a connection from {ip}: {reason}", ip=ip, reason=refusal)
@@ -82,6 +86,8 @@ class SyncServer:
         for doc_id in session.subscriptions:
             self.registry.unsubscribe(doc_id, session)
         self.awareness.unsubscribe_all(session, session.awareness)
+        for doc_id in session.awareness:
+            self.watches.unwatch(doc_id)
 
     def api_key_identity(self, key: Any) -> Optional[Identity]:
         if isinstance(key, str) and key in self.config.api_keys:
@@ -99,6 +105,13 @@ class SyncServer:
         self.broadcaster.queue(doc.id, (w.field for w in writes))
         payload = {"writes": [list(w) for w in writes], "clock": dict(doc.clock)}
         self.tasks.add(self.pubsub.publish("delta", doc.id, payload), "publishing a delta")
+
+    def subscribe_awareness(self, session: Session, doc_id: str) -> list[dict[str, Any]]:
+        """Add a presence subscriber; other instances' presence updates for the document now come here."""
+        if doc_id not in session.awareness:
+            session.awareness.add(doc_id)
+            self.watches.watch(doc_id)
+        return self.awareness.subscribe(doc_id, session)
 
     def update_awareness(self, doc_id: str, client_id: str, state: Any, clock: Any) -> None:
         self._apply_awareness(doc_id, client_id, state, clock)

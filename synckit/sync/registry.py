@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from synckit.pubsub.interface import IPubSub
+from synckit.pubsub.watches import Watches
 from synckit.storage.interface import IStorage, StoredDocument
 from synckit.sync.document import Document
 
@@ -23,9 +23,9 @@ from synckit.sync.document import Document
 class DocumentRegistry:
     _log = Logger()
 
-    def __init__(self, storage: IStorage, pubsub: IPubSub, capacity: int = 1000) -> None:
+    def __init__(self, storage: IStorage, watches: Watches, capacity: int = 1000) -> None:
         self._storage = storage
-        self._pubsub = pubsub
+        self._watches = watches
         self._capacity = capacity
         self._docs: OrderedDict[str, Document] = OrderedDict()
         self._loading: dict[str, list[Deferred]] = {}
@@ -52,7 +52,7 @@ class DocumentRegistry:
         else:
             doc = Document(doc_id, stored.fields, stored.clock, stored.text)
         self._docs[doc_id] = doc
-        self._pubsub.watch(doc_id)
+        self._watches.watch(doc_id)
         self._evict(keep=doc_id)
         for waiter in self._loading.pop(doc_id):
             waiter.callback(doc)
@@ -77,7 +77,7 @@ class DocumentRegistry:
                 break
             if doc_id != keep and not self._subscribers.get(doc_id):
                 del self._docs[doc_id]
-                self._pubsub.unwatch(doc_id)
+                self._watches.unwatch(doc_id)
 
     def peek(self, doc_id: str) -> Optional[Document]:
         """The cached document, without loading it or touching its LRU position."""
@@ -115,5 +115,5 @@ class DocumentRegistry:
                 self._docs[doc_id].reset()
             else:
                 del self._docs[doc_id]
-                self._pubsub.unwatch(doc_id)
+                self._watches.unwatch(doc_id)
         return self._storage.clear()

@@ -11,6 +11,7 @@ import struct
 from typing import Any, Optional
 
 from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
 
 from synckit import wire
 from synckit.config import Config
@@ -95,3 +96,17 @@ class Harness:
     def flush(self) -> None:
         """Run the end-of-turn broadcast flush (and anything else due now)."""
         self.clock.advance(0)
+
+
+class HarnessCase(SynchronousTestCase):
+    """Tests on a L{Harness}: each test must leave nothing scheduled once it has flushed."""
+
+    def harness(self, **overrides: Any) -> Harness:
+        h = Harness(**overrides)
+
+        def no_timers_left() -> None:
+            h.flush()
+            self.assertEqual(h.clock.getDelayedCalls(), [])
+
+        self.addCleanup(no_timers_left)
+        return h

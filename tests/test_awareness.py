@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.session import Session
 from synckit.sync.awareness import Awareness
-from tests.helpers import FakeClient, Harness
+from tests.helpers import FakeClient, Harness, HarnessCase
 
 NOW = 1_700_000_000_000
 
@@ -99,17 +99,7 @@ class AwarenessStoreTests(SynchronousTestCase):
         self.assertEqual(awareness.subscribe("d", "s"), [])
 
 
-class AwarenessMessageTests(SynchronousTestCase):
-    def harness(self, **overrides: Any) -> Harness:
-        """A harness whose clock must have no delayed calls left once the test has flushed."""
-        h = Harness(**overrides)
-
-        def no_timers_left() -> None:
-            h.flush()
-            self.assertEqual(h.clock.getDelayedCalls(), [])
-
-        self.addCleanup(no_timers_left)
-        return h
+class AwarenessMessageTests(HarnessCase):
 
     def watcher(self, h: Harness, doc_id: str = "d") -> tuple[Session, FakeClient]:
         """A connection that sent awareness_subscribe, with its awareness_state taken."""

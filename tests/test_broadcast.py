@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.session import Session
 from synckit.sync.broadcast import deliver
 from synckit.sync.document import Document
 from synckit.wire import Frame
-from tests.helpers import FakeClient, Harness
+from tests.helpers import FakeClient, Harness, HarnessCase
 
 TOMBSTONE = {"__deleted": True}
 
@@ -37,17 +36,7 @@ def cached(h: Harness, doc_id: str) -> Document:
     return doc
 
 
-class BroadcastTestCase(SynchronousTestCase):
-    def harness(self, **overrides: Any) -> Harness:
-        """A harness whose clock must have no delayed calls left once the test has flushed."""
-        h = Harness(**overrides)
-
-        def no_timers_left() -> None:
-            h.flush()
-            self.assertEqual(h.clock.getDelayedCalls(), [])
-
-        self.addCleanup(no_timers_left)
-        return h
+class BroadcastTestCase(HarnessCase):
 
     def subscriber(self, h: Harness, doc_id: str = "d") -> tuple[Session, FakeClient]:
         """A connection subscribed to C{doc_id}, with its sync_response taken."""

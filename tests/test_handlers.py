@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Any, ClassVar, Optional
 
 import jwt
-from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.session import Session
-from tests.helpers import SECRET, FakeClient, Harness
+from tests.helpers import SECRET, FakeClient, Harness, HarnessCase
 
 #: the timestamp helpers.binary puts in every frame header
 HEADER_TS = 1_700_000_000_000
@@ -35,17 +34,7 @@ def delta(doc_id: str, changes: dict[str, Any], id: str = "w", **extra: Any) -> 
     return {"id": id, "documentId": doc_id, "delta": changes, "vectorClock": {}, **extra}
 
 
-class HandlerTestCase(SynchronousTestCase):
-    def harness(self, **overrides: Any) -> Harness:
-        """A harness whose clock must have no delayed calls left once the test has flushed."""
-        h = Harness(**overrides)
-
-        def no_timers_left() -> None:
-            h.flush()
-            self.assertEqual(h.clock.getDelayedCalls(), [])
-
-        self.addCleanup(no_timers_left)
-        return h
+class HandlerTestCase(HarnessCase):
 
     def one(self, client: FakeClient, kind: str) -> dict[str, Any]:
         """The single message received since the last take, which must be of C{kind}."""

@@ -12,10 +12,9 @@ import struct
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, fail
-from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.session import Session
-from tests.helpers import FakeClient, Harness, binary, text
+from tests.helpers import FakeClient, Harness, HarnessCase, binary, text
 
 #: the timestamp helpers.binary puts in every frame header
 HEADER_TS = 1_700_000_000_000
@@ -30,17 +29,7 @@ def errors(messages: list[dict[str, Any]]) -> list[tuple[str, Optional[dict[str,
     return [(m["error"], m.get("details")) for m in messages if m["type"] == "error"]
 
 
-class PipelineTestCase(SynchronousTestCase):
-    def harness(self, **overrides: Any) -> Harness:
-        """A harness whose clock must have no delayed calls left once the test has flushed."""
-        h = Harness(**overrides)
-
-        def no_timers_left() -> None:
-            h.flush()
-            self.assertEqual(h.clock.getDelayedCalls(), [])
-
-        self.addCleanup(no_timers_left)
-        return h
+class PipelineTestCase(HarnessCase):
 
     def assertPong(self, h: Harness, session: Session, client: FakeClient) -> None:
         """The connection still works: a ping is answered with exactly one pong."""

@@ -93,6 +93,14 @@ class Harness:
     def send(self, session: Session, kind: str, payload: Optional[dict[str, Any]] = None) -> None:
         session.receive(binary(kind, payload), True)
 
+    def present(self, doc_id: str = "d") -> list[dict[str, Any]]:
+        """The presence states a new awareness subscriber is told about (it disconnects again)."""
+        session, client = self.connect("192.0.2.99")
+        self.send(session, "awareness_subscribe", {"documentId": doc_id})
+        [reply] = client.take()
+        session.closed()
+        return reply["states"]
+
     def flush(self) -> None:
         """Run the end-of-turn broadcast flush (and anything else due now)."""
         self.clock.advance(0)

@@ -108,13 +108,6 @@ class AwarenessMessageTests(HarnessCase):
         self.assertEqual([m["type"] for m in client.take()], ["awareness_state"])
         return session, client
 
-    def present(self, h: Harness, doc_id: str = "d") -> list[dict[str, Any]]:
-        """The states a new awareness subscriber is told about (the connection is closed again)."""
-        session, client = h.connect("192.0.2.99")
-        h.send(session, "awareness_subscribe", {"documentId": doc_id})
-        [reply] = client.take()
-        session.closed()
-        return reply["states"]
 
     def update(self, h: Harness, session: Session, client_id: str, state: Any, clock: Any = 1, doc_id: str = "d") -> None:
         h.send(session, "awareness_update", {"documentId": doc_id, "clientId": client_id, "state": state, "clock": clock})
@@ -156,7 +149,7 @@ class AwarenessMessageTests(HarnessCase):
             self.assertEqual((message["type"], body(message)), ("awareness_update", expected))
         self.assertEqual(doc_only_client.take(), [])
         self.assertEqual(elsewhere_client.take(), [])
-        self.assertEqual(self.present(h), [{"clientId": "c1", "state": {"name": "Ann"}, "clock": {"c1": 2}}])
+        self.assertEqual(h.present(), [{"clientId": "c1", "state": {"name": "Ann"}, "clock": {"c1": 2}}])
 
     def test_sender_need_not_subscribe(self) -> None:
         """A sender that did not awareness_subscribe gets nothing back, while subscribers are told."""
@@ -202,7 +195,7 @@ class AwarenessMessageTests(HarnessCase):
         self.assertEqual(message["timestamp"], now)
         h.server.housekeeping()
         self.assertEqual(client.take(), [])
-        self.assertEqual(self.present(h), [])
+        self.assertEqual(h.present(), [])
 
     def test_expiry_respects_configured_timeout(self) -> None:
         """The sweep uses the configured awareness timeout."""
@@ -239,7 +232,7 @@ class AwarenessMessageTests(HarnessCase):
         leaver.closed()
         self.assertNotIn(leaver, h.server.awareness.update("d", "probe", None, None, h.server.now_ms()))
         self.assertEqual(
-            self.present(h), [{"clientId": "c1", "state": "here", "clock": 1}]
+            h.present(), [{"clientId": "c1", "state": "here", "clock": 1}]
         )
         h.clock.advance(31)
         h.server.housekeeping()

@@ -260,13 +260,6 @@ class AwarenessRelayTests(MultiInstanceTestCase):
         client.take()
         return session, client
 
-    def present(self, h: Harness, doc_id: str = "d") -> list[dict[str, Any]]:
-        """The states a new awareness subscriber on C{h} is told about (the connection is closed again)."""
-        session, client = h.connect("192.0.2.99")
-        h.send(session, "awareness_subscribe", {"documentId": doc_id})
-        [reply] = client.take()
-        session.closed()
-        return reply["states"]
 
     def test_update_reaches_other_instance(self) -> None:
         """
@@ -284,7 +277,7 @@ class AwarenessRelayTests(MultiInstanceTestCase):
             (message["type"], message["documentId"], message["clientId"], message["state"], message["clock"]),
             ("awareness_update", "d", "c1", {"cursor": 4}, 3),
         )
-        self.assertEqual(self.present(self.b), [{"clientId": "c1", "state": {"cursor": 4}, "clock": 3}])
+        self.assertEqual(self.b.present(), [{"clientId": "c1", "state": {"cursor": 4}, "clock": 3}])
 
     def test_leave_reaches_other_instance(self) -> None:
         """A null state on A removes the client on B too and is announced there."""
@@ -294,7 +287,7 @@ class AwarenessRelayTests(MultiInstanceTestCase):
         self.a.send(sender, "awareness_update", {"documentId": "d", "clientId": "c1", "state": None, "clock": 2})
         self.clock.advance(0)
         self.assertEqual([m["state"] for m in remote_client.take()], ["here", None])
-        self.assertEqual(self.present(self.b), [])
+        self.assertEqual(self.b.present(), [])
 
     def test_update_reaches_awareness_only_subscriber(self) -> None:
         """

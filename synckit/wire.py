@@ -221,9 +221,6 @@ class Frame:
     def encoded(self, binary: bool) -> bytes:
         return self.binary() if binary else self.text()
 
-    def message(self) -> Message:
-        """The message as a client decodes it, for logs and tests."""
-        return {"type": self.type, "timestamp": self.timestamp, **self.body}
 
 
 class MessageIds:

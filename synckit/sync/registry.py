@@ -102,8 +102,6 @@ class DocumentRegistry:
     def subscribers(self, doc_id: str) -> set[Hashable]:
         return self._subscribers.get(doc_id, set())
 
-    def subscriber_count(self) -> int:
-        return sum(len(s) for s in self._subscribers.values())
 
     def clear(self) -> Deferred:
         """

@@ -7,7 +7,7 @@ HTTP resources call into it.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -23,7 +23,7 @@ from synckit.session import Client, Session
 from synckit.storage.interface import FieldWrite, IStorage
 from synckit.sync.awareness import Awareness
 from synckit.sync.broadcast import Broadcaster, deliver
-from synckit.sync.document import Document
+from synckit.sync.document import TOMBSTONE, Document, Stamp
 from synckit.sync.registry import DocumentRegistry
 from synckit.tasks import BackgroundTasks
 from synckit.wire import Frame, MessageIds
@@ -132,13 +132,29 @@ class SyncServer:
         doc = self.registry.peek(doc_id)
         if doc is None:
             return  # not cached here: it will be read from storage when it is next opened
-        changed = []
-        for field, value, writer, counter, ts in payload["writes"]:
-            if doc.merge(field, value, (ts, counter, writer)):
-                changed.append(field)
-        doc.merge_clock(payload["clock"])
+        writes = ((field, value, (ts, counter, writer)) for field, value, writer, counter, ts in payload["writes"])
+        self._merge(doc, writes, payload["clock"])
+
+    def _merge(self, doc: Document, writes: Iterable[tuple[str, Any, Stamp]], clock: Any) -> None:
+        """Merge writes made elsewhere into a cached document and broadcast those that won."""
+        changed = [field for field, value, stamp in writes if doc.merge(field, value, stamp)]
+        doc.merge_clock(clock)
         if changed:
-            self.broadcaster.queue(doc_id, changed)
+            self.broadcaster.queue(doc.id, changed)
+
+    def resync(self) -> None:
+        """
+        Re-read every cached document from storage and merge what other instances saved, after
+        pub/sub may have lost their publications (a reconnect).
+        """
+        for doc in list(self.registry.documents()):
+            self.tasks.add(Deferred.fromCoroutine(self._resync(doc)), f"resyncing {doc.id}")
+
+    async def _resync(self, doc: Document) -> None:
+        stored = await self.storage.load(doc.id)
+        if stored is not None:
+            writes = ((field, stored.fields.get(field, TOMBSTONE), stamp) for field, stamp in stored.stamps.items())
+            self._merge(doc, writes, stored.clock)
 
     # Housekeeping and shutdown
 

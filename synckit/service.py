@@ -87,7 +87,7 @@ class SyncKitService(MultiService):
 
     async def _start(self) -> None:
         await self.storage.start()
-        await self.pubsub.start(self.server.receive_remote)
+        await self.pubsub.start(self.server.receive_remote, self.server.resync)
         port = self.config.port
         for interface in interfaces(self.config.host):
             try:

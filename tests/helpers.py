@@ -84,7 +84,7 @@ class Harness:
         self.storage = MemoryStorage()
         self.pubsub = LocalPubSub(bus or LocalBus(self.clock))
         self.server = SyncServer(config(**overrides), self.clock, self.storage, self.pubsub)
-        self.pubsub.start(self.server.receive_remote)
+        self.pubsub.start(self.server.receive_remote, self.server.resync)
 
     def connect(self, ip: str = "127.0.0.1") -> tuple[Session, FakeClient]:
         client = FakeClient()

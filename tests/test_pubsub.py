@@ -38,7 +38,11 @@ class Endpoint:
     def __init__(self, bus: LocalBus) -> None:
         self.pubsub = LocalPubSub(bus)
         self.received: list[tuple[str, str, dict[str, Any]]] = []
-        self.pubsub.start(lambda kind, doc_id, payload: self.received.append((kind, doc_id, payload)))
+        self.resyncs = 0
+        self.pubsub.start(lambda kind, doc_id, payload: self.received.append((kind, doc_id, payload)), self.resync)
+
+    def resync(self) -> None:
+        self.resyncs += 1
 
 
 class LocalBusTests(SynchronousTestCase):

@@ -85,7 +85,7 @@ class OpenTests(RegistryTestCase):
     def test_loaded_from_storage(self) -> None:
         """A stored document opens with its fields, clock and text state."""
         registry, storage, _ = self.registry()
-        storage.stored["d"] = StoredDocument({"a": 1}, {"conn-1": 2}, ("crdt", 3.0))
+        storage.stored["d"] = StoredDocument({"a": 1}, {"conn-1": 2}, ("crdt", 3.0), {})
         doc = self.opened(registry, "d")
         self.assertEqual((doc.fields, doc.clock, doc.text), ({"a": 1}, {"conn-1": 2}, ("crdt", 3.0)))
 
@@ -109,7 +109,7 @@ class OpenTests(RegistryTestCase):
         for d in waiting:
             self.assertNoResult(d)
         self.assertIsNone(registry.peek("d"))
-        storage.pending["d"].callback(StoredDocument({"a": 1}, {}, None))
+        storage.pending["d"].callback(StoredDocument({"a": 1}, {}, None, {}))
         docs = [self.successResultOf(d) for d in waiting]
         self.assertIs(docs[0], docs[1])
         self.assertIs(docs[1], docs[2])

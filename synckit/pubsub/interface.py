@@ -17,14 +17,25 @@ from zope.interface import Attribute, Interface
 #: (kind, document id, payload): kind is "delta" or "awareness".
 Receiver = Callable[[str, str, dict[str, Any]], None]
 
+#: Called after publications may have been missed (a reconnect): re-read what is cached.
+Resync = Callable[[], None]
+
 KINDS = ("delta", "awareness")
 
 
 class IPubSub(Interface):
+    name = Attribute("Short name for logs and /health/ready, e.g. 'redis'.")
     instance_id = Attribute("This instance's id, carried in every publication.")
 
-    def start(receiver: Receiver) -> Deferred:
-        """Connect, and from then on hand other instances' publications to C{receiver}."""
+    def start(receiver: Receiver, resync: Resync) -> Deferred:
+        """
+        Connect, and from then on hand other instances' publications to C{receiver}.  Call
+        C{resync} whenever publications may have been lost (after a reconnect), once watching
+        again.
+        """
+
+    def ping() -> "Deferred[float]":
+        """Round trip to the medium, in seconds; fails if it cannot be reached."""
 
     def stop() -> Deferred:
         """Disconnect."""

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from synckit.pubsub.interface import IPubSub, Receiver
+from synckit.pubsub.interface import IPubSub, Receiver, Resync
 
 
 class LocalBus:
@@ -44,15 +44,22 @@ class LocalBus:
 
 @implementer(IPubSub)
 class LocalPubSub:
+    """A bus never loses publications, so C{resync} is never called."""
+
+    name = "local"
+
     def __init__(self, bus: LocalBus, instance_id: Optional[str] = None) -> None:
         self.instance_id = instance_id or secrets.token_hex(8)
         self._bus = bus
         self._receiver: Optional[Receiver] = None
         self._watched: set[str] = set()
 
-    def start(self, receiver: Receiver) -> Deferred:
+    def start(self, receiver: Receiver, resync: Resync) -> Deferred:
         self._receiver = receiver
         return succeed(None)
+
+    def ping(self) -> "Deferred[float]":
+        return succeed(0.0)
 
     def stop(self) -> Deferred:
         for doc_id in self._watched:

@@ -13,13 +13,20 @@ from typing import Any, NamedTuple, Optional, Sequence
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from synckit.sync.document import Stamp
+
 
 class StoredDocument(NamedTuple):
-    """A document as storage holds it: visible fields, vector clock, text-CRDT state."""
+    """
+    A document as storage holds it: visible fields, vector clock, text-CRDT state, and the
+    last-writer-wins stamp of each field written through us (deleted ones included), so that
+    instances re-reading it order its writes as they ordered them live.
+    """
 
     fields: dict[str, Any]
     clock: dict[str, int]
     text: Optional[tuple[str, float]]
+    stamps: dict[str, Stamp]
 
 
 class FieldWrite(NamedTuple):
@@ -33,6 +40,10 @@ class FieldWrite(NamedTuple):
     writer: str
     counter: int
     ts: int
+
+    @property
+    def stamp(self) -> Stamp:
+        return (self.ts, self.counter, self.writer)
 
 
 class IStorage(Interface):
@@ -49,10 +60,14 @@ class IStorage(Interface):
 
     def save_writes(doc_id: str, writes: Sequence[FieldWrite]) -> Deferred:
         """
-        Persist C{writes}, applied in order to C{doc_id}: each sets or deletes its field and sets
-        its writer's clock entry to its counter.  Fires once they are durable: the server
-        acknowledges the message only then.
+        Persist C{writes} to C{doc_id}, each only if its stamp is newer than the one stored for
+        its field (instances sharing storage may save concurrent writes in any order): it sets
+        or deletes the field, and raises its writer's clock entry to its counter.  Fires once
+        they are durable: the server acknowledges the message only then.
         """
+
+    def ping() -> "Deferred[float]":
+        """Round trip to the storage, in seconds; fails if it cannot be reached."""
 
     def save_text(doc_id: str, crdt: str, clock: float) -> Deferred:
         """Persist the document's text-CRDT state."""

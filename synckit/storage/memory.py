@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from synckit.storage.interface import FieldWrite, IStorage, StoredDocument
-from synckit.sync.document import is_tombstone
+from synckit.sync.document import Stamp, is_tombstone
 
 
 @implementer(IStorage)
@@ -23,6 +23,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._fields: dict[str, dict[str, Any]] = {}
         self._clocks: dict[str, dict[str, int]] = {}
+        self._stamps: dict[str, dict[str, Stamp]] = {}
         self._text: dict[str, tuple[str, float]] = {}
 
     def start(self) -> Deferred:
@@ -39,19 +40,28 @@ class MemoryStorage:
                 dict(self._fields.get(doc_id, {})),
                 dict(self._clocks.get(doc_id, {})),
                 self._text.get(doc_id),
+                dict(self._stamps.get(doc_id, {})),
             )
         )
 
     def save_writes(self, doc_id: str, writes: Sequence[FieldWrite]) -> Deferred:
         stored = self._fields.setdefault(doc_id, {})
         clock = self._clocks.setdefault(doc_id, {})
+        stamps = self._stamps.setdefault(doc_id, {})
         for write in writes:
+            clock[write.writer] = max(clock.get(write.writer, 0), write.counter)
+            previous = stamps.get(write.field)
+            if previous is not None and previous >= write.stamp:
+                continue
+            stamps[write.field] = write.stamp
             if is_tombstone(write.value):
                 stored.pop(write.field, None)
             else:
                 stored[write.field] = write.value
-            clock[write.writer] = write.counter
         return succeed(None)
+
+    def ping(self) -> "Deferred[float]":
+        return succeed(0.0)
 
     def save_text(self, doc_id: str, crdt: str, clock: float) -> Deferred:
         self._text[doc_id] = (crdt, clock)
@@ -60,5 +70,6 @@ class MemoryStorage:
     def clear(self) -> Deferred:
         self._fields.clear()
         self._clocks.clear()
+        self._stamps.clear()
         self._text.clear()
         return succeed(None)

@@ -69,6 +69,7 @@ class Document:
         fields: Optional[Mapping[str, Any]] = None,
         clock: Optional[Mapping[str, int]] = None,
         text: Optional[tuple[str, float]] = None,
+        stamps: Optional[Mapping[str, Stamp]] = None,
     ) -> None:
         self.id = doc_id
         self.fields: dict[str, Any] = dict(fields or {})
@@ -76,6 +77,7 @@ class Document:
         self.last_modified: Optional[int] = None
         self.text = text
         self._stamps: dict[str, Stamp] = {name: RESTORED for name in self.fields}
+        self._stamps.update(stamps or {})
 
     def write(self, field: str, value: Any, writer: str, now_ms: int) -> tuple[Any, Stamp]:
         """

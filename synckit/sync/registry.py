@@ -50,7 +50,7 @@ class DocumentRegistry:
         if stored is None:
             doc = Document(doc_id)
         else:
-            doc = Document(doc_id, stored.fields, stored.clock, stored.text)
+            doc = Document(doc_id, stored.fields, stored.clock, stored.text, stored.stamps)
         self._docs[doc_id] = doc
         self._watches.watch(doc_id)
         self._evict(keep=doc_id)

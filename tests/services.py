@@ -1,0 +1,215 @@
+"""
+Throwaway PostgreSQL and Redis servers for the storage and pub/sub tests.
+
+Each server runs from the Debian packages' binaries on a free loopback port with a private data
+directory, so the tests never touch a server the machine already runs, and it can be killed and
+started again on the same port and data to test outages.  One of each is shared by the whole run
+(L{shared_postgres}, L{shared_redis}); outage tests start their own.
+
+When the binaries are missing the tests are skipped with the reason, unless
+C{SYNCKIT_REQUIRE_SERVICES=true} (set by C{make test}, which installs them): then it is an error.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Callable, Optional
+
+import psycopg2
+from twisted.trial.unittest import SkipTest
+
+STARTUP_TIMEOUT = 30.0
+
+
+def unavailable(reason: str) -> Exception:
+    """Skip the test, or fail it where the test command promised the servers."""
+    if os.environ.get("SYNCKIT_REQUIRE_SERVICES") == "true":
+        return RuntimeError(f"{reason} (SYNCKIT_REQUIRE_SERVICES=true: the servers should have been installed)")
+    return SkipTest(f"*** {reason}: storage and pub/sub tests against real servers are SKIPPED ***")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(ready: Callable[[], bool], what: str, process: subprocess.Popen, log: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{_tail(log)}")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start within {STARTUP_TIMEOUT} s:\n{_tail(log)}")
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-20:])
+    except OSError:
+        return "(no log)"
+
+
+class _Server:
+    """A child process on a fixed port and data directory that can be killed and restarted."""
+
+    name = ""
+    #: the account the server runs as (None: this process's own)
+    user: Optional[str] = None
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix=f"synckit-{self.name}-")
+        self.log = os.path.join(self.dir, "server.log")
+        self.process: Optional[subprocess.Popen] = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.user
+            )
+        _wait(self.ready, f"{self.name} on port {self.port}", self.process, self.log)
+
+    def kill(self) -> None:
+        """Kill -9: no shutdown, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def destroy(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _binary(name: str, patterns: list[str]) -> Optional[str]:
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern), reverse=True)
+        if found:
+            return found[0]
+    return shutil.which(name)
+
+
+class PostgresServer(_Server):
+    name = "postgres"
+
+    def __init__(self) -> None:
+        bindir = _binary("initdb", ["/usr/lib/postgresql/*/bin/initdb"])
+        if bindir is None:
+            raise unavailable("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bindir = os.path.dirname(bindir)
+        super().__init__()
+        # PostgreSQL refuses to run as root: run it as the packages' postgres user, as a direct
+        # child, so that a kill -9 leaves nothing behind holding its lock file.
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = os.path.join(self.dir, "data")
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        subprocess.run(
+            [f"{self.bindir}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            user=self.user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def command(self) -> list[str]:
+        # fsync off: the tests kill processes, never the machine, so the OS keeps every commit.
+        options = ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", f"unix_socket_directories={self.dir}"]
+        return [f"{self.bindir}/postgres", "-D", self.data, "-p", str(self.port)] + options
+
+    def ready(self) -> bool:
+        try:
+            psycopg2.connect(self.url, connect_timeout=1).close()
+            return True
+        except psycopg2.OperationalError:
+            return False
+
+    def execute(self, sql: str, database: str = "postgres") -> list[tuple]:
+        """Run SQL synchronously, for test set-up and inspection."""
+        conn = psycopg2.connect(self.url.rsplit("/", 1)[0] + "/" + database)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+    def new_database(self) -> str:
+        """A fresh empty database on this server, and its URL."""
+        name = f"t{next(_numbers)}"
+        self.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
+
+class RedisServer(_Server):
+    name = "redis"
+
+    def __init__(self) -> None:
+        self.binary = _binary("redis-server", [])
+        if self.binary is None:
+            raise unavailable("Redis is not installed (apt-get install redis-server)")
+        super().__init__()
+        self.url = f"redis://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+            "--save", "", "--appendonly", "no", "--daemonize", "no",
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+_numbers = iter(range(1, 1_000_000))
+_shared: dict[str, _Server] = {}
+
+
+def _shared_server(kind: type[_Server]) -> _Server:
+    server = _shared.get(kind.name)
+    if server is None or server.process is None:
+        server = server or kind()
+        server.start()
+        _shared[kind.name] = server
+    return server
+
+
+def shared_postgres() -> PostgresServer:
+    """The run's PostgreSQL server, started on first use."""
+    return _shared_server(PostgresServer)  # type: ignore[return-value]
+
+
+def shared_redis() -> RedisServer:
+    """The run's Redis server, started on first use."""
+    return _shared_server(RedisServer)  # type: ignore[return-value]
+
+
+@atexit.register
+def _stop_shared() -> None:
+    for server in _shared.values():
+        server.destroy()

@@ -11,6 +11,8 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=["synckit", "synckit.sync", "synckit.storage", "synckit.pubsub", "twisted.plugins"],
+    package_data={"synckit.storage": ["migrations/*.sql"]},
+    entry_points={"console_scripts": ["synckit-migrate = synckit.migrate:main"]},
     install_requires=[
         "twisted>=24.3",
         "autobahn>=26.10.2",  # enforces the message size limit after decompression

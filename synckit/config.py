@@ -44,6 +44,12 @@ class Config:
     awareness_timeout: int = 30_000
     demo_allow_list: bool = False
     test_endpoints: bool = False
+    database: Optional[str] = None
+    database_pool_size: int = 10
+    auto_migrate: bool = False
+    redis: Optional[str] = None
+    redis_prefix: str = "synckit:"
+    backend_timeout: int = 5000
 
 
 # Parsers: text -> value, raising ValueError with a short reason.
@@ -84,6 +90,17 @@ def _secret(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     return text
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        url = text.strip()
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in schemes or not rest:
+            raise ValueError("must be a URL starting " + " or ".join(f"{s}://" for s in schemes))
+        return url
+
+    return parse
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -129,6 +146,8 @@ class Setting:
     env: Optional[str]
     parse: Callable[[str], Any]
     help: str
+    #: a boolean given on the command line as a bare flag (--auto-migrate), not with a value
+    flag: bool = False
 
     @property
     def option(self) -> str:
@@ -155,6 +174,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("awareness_timeout", "SYNCKIT_AWARENESS_TIMEOUT", _integer(1000), "ms after which a client's silent presence state expires"),
     Setting("demo_allow_list", "SYNCKIT_DEMO_ALLOW_LIST", _boolean, "restrict 'subscribe' to the reference demo's document ids (playground*, wordwall*, room:*, page ids)"),
     Setting("test_endpoints", "SYNCKIT_TEST_ENDPOINTS", _boolean, "serve POST /_test/clear, which deletes every document (test suites only)"),
+    Setting("database", "DATABASE_URL", _url("postgresql", "postgres"), "PostgreSQL URL, e.g. postgresql://synckit:PASSWORD@db.example:5432/synckit; unset: documents live in memory only"),
+    Setting("database_pool_size", "DB_POOL_MAX", _integer(1, 1000), "PostgreSQL connections this process keeps open"),
+    Setting("auto_migrate", "SYNCKIT_AUTO_MIGRATE", _boolean, "bring the database schema up to date at start (development; in production run synckit-migrate)", flag=True),
+    Setting("redis", "REDIS_URL", _url("redis"), "Redis URL, e.g. redis://:PASSWORD@cache.example:6379/0, to relay writes and presence between instances; unset: one instance"),
+    Setting("redis_prefix", "REDIS_CHANNEL_PREFIX", _text, "prefix of the Redis channels (<prefix>delta:<document>, <prefix>awareness:<document>)"),
+    Setting("backend_timeout", "SYNCKIT_BACKEND_TIMEOUT", _integer(100), "ms to wait for PostgreSQL or Redis on a client's behalf before giving up with an error"),
 )  # fmt: skip
 
 _BY_OPTION = {s.option: s for s in SETTINGS}
@@ -220,6 +245,8 @@ def _check(config: Config) -> None:
         raise ConfigError("jwt-secret (JWT_SECRET) must be at least 32 characters")
     if config.node_env == "production" and config.jwt_secret == DEFAULT_JWT_SECRET:
         raise ConfigError("NODE_ENV=production requires JWT_SECRET to be set")
+    if config.auto_migrate and not config.database:
+        raise ConfigError("auto-migrate (SYNCKIT_AUTO_MIGRATE) needs a database (DATABASE_URL)")
 
 
 def defaults() -> dict[str, Any]:

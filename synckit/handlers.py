@@ -16,7 +16,7 @@ from synckit.auth import EVERYONE, EVERYONE_CLAIM, Identity, InvalidToken
 from synckit.session import Reject, Session
 from synckit.storage.interface import FieldWrite
 from synckit.sync.broadcast import deliver
-from synckit.sync.document import TOMBSTONE, Document
+from synckit.sync.document import TOMBSTONE, Document, Prior
 from synckit.wire import Frame, Message
 
 _DOCUMENT_ID = re.compile(r"[a-zA-Z0-9_:-]+")
@@ -171,14 +171,17 @@ async def on_delta(session: Session, message: Message) -> None:
     doc = await _open_for_writing(session, doc_id)
     server = session.server
     now = server.now_ms()
-    writes = [_write(doc, session, name, value, now) for name, value in changes.items()]
+    priors: list[Prior] = []
+    writes = [_write(doc, session, name, value, now, priors) for name, value in changes.items()]
     doc.merge_clock(message.get("vectorClock") or message.get("clock"))
     doc.last_modified = message.get("timestamp")
-    await server.commit(doc, writes)
+    await server.commit(doc, writes, priors)
     _acknowledge(session, message)
 
 
-def _write(doc: Document, session: Session, field: str, value: Any, now: int) -> FieldWrite:
+def _write(doc: Document, session: Session, field: str, value: Any, now: int, priors: list[Prior]) -> FieldWrite:
+    """Apply one field write to the cached document, noting in C{priors} how to take it back."""
+    priors.append(doc.prior(field))
     authoritative, stamp = doc.write(field, value, session.id, now)
     return FieldWrite(field, authoritative, session.id, stamp[1], stamp[0])
 
@@ -192,6 +195,7 @@ async def on_delta_batch(session: Session, message: Message) -> None:
     server = session.server
     now = server.now_ms()
     writes: list[FieldWrite] = []
+    priors: list[Prior] = []
     text_ops: list[dict[str, Any]] = []
     for op in ops:
         if not isinstance(op, dict):
@@ -208,12 +212,12 @@ async def on_delta_batch(session: Session, message: Message) -> None:
             text_ops.append({**op, "clientId": op.get("clientId") or session.id})
         elif op.get("field") is not None:
             value = TOMBSTONE if kind == "delete" else op.get("value")  # R-4
-            writes.append(_write(doc, session, str(op["field"]), value, now))
+            writes.append(_write(doc, session, str(op["field"]), value, now, priors))
             if op.get("clock"):
                 doc.merge_clock(op["clock"])
     doc.last_modified = message.get("timestamp")
     if writes:
-        await server.commit(doc, writes)
+        await server.commit(doc, writes, priors)
     if text_ops:
         # Text operations go out at once, to everyone but the sender (section 4.8 step 6).
         frame = Frame(

@@ -19,11 +19,11 @@ from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
 from synckit.pubsub.interface import IPubSub
 from synckit.pubsub.watches import Watches
-from synckit.session import Client, Session
-from synckit.storage.interface import FieldWrite, IStorage
+from synckit.session import Client, Reject, Session
+from synckit.storage.interface import FieldWrite, IStorage, StorageRefused, StorageUnavailable
 from synckit.sync.awareness import Awareness
 from synckit.sync.broadcast import Broadcaster, deliver
-from synckit.sync.document import TOMBSTONE, Document, Stamp
+from synckit.sync.document import TOMBSTONE, Document, Prior, Stamp
 from synckit.sync.registry import DocumentRegistry
 from synckit.tasks import BackgroundTasks
 from synckit.wire import Frame, MessageIds
@@ -96,12 +96,24 @@ class SyncServer:
 
     # Writes
 
-    async def commit(self, doc: Document, writes: Sequence[FieldWrite]) -> None:
+    async def commit(self, doc: Document, writes: Sequence[FieldWrite], priors: Sequence[Prior]) -> None:
         """
-        Make applied writes durable, then broadcast them here and publish them to the other
-        instances.  The caller acknowledges only after this returns.
+        Make writes applied to C{doc} durable, then broadcast them here and publish them to the
+        other instances.  The caller acknowledges only after this returns.  If storage fails,
+        the writes are taken back (C{priors}: each field as it was before), so that nobody is
+        sent a value that was never saved, and the client is told to retry.
         """
-        await self.storage.save_writes(doc.id, writes)
+        try:
+            await self.storage.save_writes(doc.id, writes)
+        except Exception as e:
+            for write, prior in reversed(list(zip(writes, priors))):
+                doc.undo(write.field, write.stamp, prior)
+            if isinstance(e, StorageUnavailable):
+                details = {"code": "STORAGE_UNAVAILABLE", "documentId": doc.id}
+                raise Reject("Storage unavailable: the write was not saved, retry later", details) from None
+            if isinstance(e, StorageRefused):
+                raise Reject(f"Write not saved: {e}", {"code": "INVALID_MESSAGE", "documentId": doc.id}) from None
+            raise
         self.broadcaster.queue(doc.id, (w.field for w in writes))
         payload = {"writes": [list(w) for w in writes], "clock": dict(doc.clock)}
         self.tasks.add(self.pubsub.publish("delta", doc.id, payload), "publishing a delta")

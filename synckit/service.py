@@ -7,7 +7,9 @@ storage closes.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -18,9 +20,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from synckit.config import Config
-from synckit.pubsub.interface import IPubSub
+from synckit.pubsub.interface import IPubSub, PubSubUnavailable
+from synckit.pubsub.local import LocalBus, LocalPubSub
 from synckit.server import SyncServer
-from synckit.storage.interface import IStorage
+from synckit.storage.interface import IStorage, StorageUnavailable
+from synckit.storage.schema import SchemaError
+from synckit.storage.memory import MemoryStorage
 from synckit.web import make_site
 
 #: how long shutdown waits for clients to answer the close handshake.
@@ -54,10 +59,50 @@ def exit_zero_on_signals(reactor: Any) -> None:
         signal.signal(signum, stop)
 
 
+def exit_one_if_start_fails(service: "SyncKitService", reactor: Any) -> None:
+    """
+    When start-up fails (say, PostgreSQL cannot be reached), stop and exit 1, so that a
+    supervisor sees the failure and restarts us.  twistd itself has no exit status to give: once
+    the reactor has shut down cleanly, the process ends here, after flushing its output.
+    """
+
+    def failed(failure: Failure) -> None:
+        reactor.addSystemEventTrigger("after", "shutdown", _exit_now, 1)
+        if reactor.running:
+            reactor.stop()
+
+    service.started.addErrback(failed)
+
+
+def _exit_now(status: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def _stop_for_signal(reactor: Any, name: str) -> None:
     SyncKitService._log.info("received {signal}, shutting down", signal=name)
     if reactor.running:
         reactor.stop()
+
+
+def make_storage(config: Config, reactor: Any) -> IStorage:
+    """PostgreSQL when a database is configured, else this process's memory."""
+    if config.database:
+        from synckit.storage.postgres import PostgresStorage
+
+        timeout = config.backend_timeout / 1000
+        return PostgresStorage(reactor, config.database, config.database_pool_size, timeout, config.auto_migrate)
+    return MemoryStorage()
+
+
+def make_pubsub(config: Config, reactor: Any) -> IPubSub:
+    """Redis when configured, else a bus of one (a single instance)."""
+    if config.redis:
+        from synckit.pubsub.redis import RedisPubSub
+
+        return RedisPubSub(reactor, config.redis, prefix=config.redis_prefix, timeout=config.backend_timeout / 1000)
+    return LocalPubSub(LocalBus(reactor))
 
 
 class SyncKitService(MultiService):
@@ -109,10 +154,11 @@ class SyncKitService(MultiService):
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
 
     def _fatal(self, failure: Failure) -> None:
-        self._log.failure("synckit could not start", failure)
+        if failure.check(StorageUnavailable, SchemaError, PubSubUnavailable):
+            self._log.critical("synckit could not start: {error}", error=failure.getErrorMessage())
+        else:
+            self._log.failure("synckit could not start", failure)
         self.started.errback(failure)
-        if self._reactor.running:
-            self._reactor.stop()
 
     def stopService(self) -> Deferred:
         d = Deferred.fromCoroutine(self._stop())

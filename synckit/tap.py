@@ -22,6 +22,8 @@ def _option_help(setting: Any, default: Any) -> str:
     shown = ",".join(default) if isinstance(default, tuple) else default
     if isinstance(shown, bool):
         shown = str(shown).lower()
+    elif shown is None:
+        shown = "unset"
     env = f"; env {setting.env}" if setting.env else ""
     secret = setting.field == "jwt_secret"
     return f"{setting.help} [default: {'(built in, development only)' if secret else shown}{env}]"
@@ -36,8 +38,11 @@ class Options(usage.Options):
         "then the file."
     )
     optParameters = [["config", "c", None, "config file (INI, [synckit] section) [env SYNCKIT_CONFIG]"]] + [
-        [setting.option, None, None, _option_help(setting, defaults()[setting.field])] for setting in SETTINGS
+        [setting.option, None, None, _option_help(setting, defaults()[setting.field])]
+        for setting in SETTINGS
+        if not setting.flag
     ]
+    optFlags = [[setting.option, None, _option_help(setting, defaults()[setting.field])] for setting in SETTINGS if setting.flag]
 
     def opt_version(self) -> None:
         """Print the version and exit."""
@@ -47,20 +52,24 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         config_file = self["config"] or os.environ.get("SYNCKIT_CONFIG")
         try:
-            self.config = load({s.option: self[s.option] for s in SETTINGS}, os.environ, config_file)
+            cli = {s.option: ("true" if self[s.option] else None) if s.flag else self[s.option] for s in SETTINGS}
+            self.config = load(cli, os.environ, config_file)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     """Build the service tree; nothing listens or connects until it starts."""
-    from synckit.pubsub.local import LocalBus, LocalPubSub
-    from synckit.service import SyncKitService, exit_zero_on_signals
-    from synckit.storage.memory import MemoryStorage
+    from synckit.service import SyncKitService, exit_one_if_start_fails, exit_zero_on_signals, make_pubsub, make_storage
 
-    if reactor is None:  # run by twistd: the process's own reactor and signals
-        from twisted.internet import reactor  # not at import: twistd may choose another reactor
+    config = options.config
+    if reactor is not None:
+        return SyncKitService(config, reactor, make_storage(config, reactor), make_pubsub(config, reactor))
 
-        reactor.callWhenRunning(exit_zero_on_signals, reactor)
+    # Run by twistd: the process's own reactor, signals and exit status.
+    from twisted.internet import reactor  # not at import: twistd may choose another reactor
 
-    return SyncKitService(options.config, reactor, MemoryStorage(), LocalPubSub(LocalBus(reactor)))
+    service = SyncKitService(config, reactor, make_storage(config, reactor), make_pubsub(config, reactor))
+    reactor.callWhenRunning(exit_zero_on_signals, reactor)
+    exit_one_if_start_fails(service, reactor)
+    return service

@@ -1,6 +1,6 @@
 """
 The HTTP side of the one listening port (PROTOCOL.md sections 1.2 and 1.3): ``/ws`` for
-WebSockets, ``/`` and ``/health``, the ``/auth`` routes, ``/rooms``, and, only when switched on,
+WebSockets, ``/``, ``/health`` and ``/health/ready``, the ``/auth`` routes, ``/rooms``, and, only when switched on,
 ``POST /_test/clear``.  Every response carries the reference's CORS and security headers.
 """
 
@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -125,11 +125,20 @@ class Info(JsonResource):
 
 
 class Health(JsonResource):
-    """Always 200 while the process lives; cheap, never rate-limited (pollers hit it often)."""
+    """
+    Always 200 while the process lives; cheap, never rate-limited (pollers hit it often).
+    ``/health/ready`` below it checks the backends.
+    """
+
+    isLeaf = False
 
     def __init__(self, server: SyncServer) -> None:
         super().__init__()
         self._server = server
+        self.putChild(b"ready", Ready(server))
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return self if path == b"" else NotFound()
 
     def render_GET(self, request: Request) -> bytes:
         now = self._server.clock.seconds()
@@ -259,6 +268,42 @@ def verify(server: SyncServer, request: Request, body: dict[str, Any]) -> tuple[
     return 200, {"valid": True, "userId": claims.get("userId"), "expiresAt": claims.get("exp")}
 
 
+def finish_json(request: Request, value: Any, code: int = 200) -> None:
+    """Answer a request rendered with NOT_DONE_YET, unless the client has gone."""
+    if not request.finished and not request._disconnected:
+        request.write(json_body(request, value, code))
+        request.finish()
+
+
+class Ready(JsonResource):
+    """
+    ``GET /health/ready``: 200 when storage and pub/sub answer a ping, else 503, with each
+    one's status and round trip, for load balancers and orchestrators.  Both are asked at once,
+    each within the backend timeout.
+    """
+
+    def __init__(self, server: SyncServer) -> None:
+        super().__init__()
+        self._server = server
+
+    def render_GET(self, request: Request) -> Any:
+        d = Deferred.fromCoroutine(self._report())
+        d.addCallback(lambda report: finish_json(request, report, 200 if report["status"] == "ready" else 503))
+        return NOT_DONE_YET
+
+    async def _report(self) -> dict[str, Any]:
+        storage, pubsub = self._server.storage, self._server.pubsub
+        results = await DeferredList([storage.ping(), pubsub.ping()], consumeErrors=True)
+        report: dict[str, Any] = {"status": "ready"}
+        for (ok, outcome), key, backend in zip(results, ("storage", "pubsub"), (storage, pubsub)):
+            if ok:
+                report[key] = {"backend": backend.name, "ok": True, "latencyMs": round(outcome * 1000, 3)}
+            else:
+                report[key] = {"backend": backend.name, "ok": False, "error": outcome.getErrorMessage()}
+                report["status"] = "unavailable"
+        return report
+
+
 class ClearAll(JsonResource):
     """``POST /_test/clear``: forget every document, so a test suite can isolate its tests."""
 
@@ -270,17 +315,12 @@ class ClearAll(JsonResource):
 
     def render_POST(self, request: Request) -> Any:
         d = Deferred.fromCoroutine(self._server.clear())
-        d.addCallbacks(lambda _: self._done(request, 200, {"cleared": True}), self._failed, errbackArgs=(request,))
+        d.addCallbacks(lambda _: finish_json(request, {"cleared": True}), self._failed, errbackArgs=(request,))
         return NOT_DONE_YET
 
     def _failed(self, failure: Failure, request: Request) -> None:
         self._log.failure("clearing all documents failed", failure)
-        self._done(request, 500, {"error": "Clear failed"})
-
-    def _done(self, request: Request, code: int, value: Any) -> None:
-        if not request.finished and not request._disconnected:
-            request.write(json_body(request, value, code))
-            request.finish()
+        finish_json(request, {"error": "Clear failed"}, 500)
 
 
 class Root(Resource):

@@ -38,7 +38,7 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         flat = " ".join(result.stdout.split())
         for setting in SETTINGS:
-            self.assertIn(f"--{setting.option}=", flat)
+            self.assertIn(f"--{setting.option} " if setting.flag else f"--{setting.option}=", flat)
             self.assertIn(f"env {setting.env}", flat)
 
     def test_version(self) -> None:

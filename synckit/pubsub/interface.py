@@ -23,6 +23,10 @@ Resync = Callable[[], None]
 KINDS = ("delta", "awareness")
 
 
+class PubSubUnavailable(Exception):
+    """The pub/sub medium cannot be reached, or did not answer in time."""
+
+
 class IPubSub(Interface):
     name = Attribute("Short name for logs and /health/ready, e.g. 'redis'.")
     instance_id = Attribute("This instance's id, carried in every publication.")

@@ -16,6 +16,14 @@ from zope.interface import Attribute, Interface
 from synckit.sync.document import Stamp
 
 
+class StorageUnavailable(Exception):
+    """Storage cannot be reached now, or did not answer in time: the request may be retried later."""
+
+
+class StorageRefused(Exception):
+    """Storage cannot hold this data (say, a value PostgreSQL's JSONB rejects): retrying will not help."""
+
+
 class StoredDocument(NamedTuple):
     """
     A document as storage holds it: visible fields, vector clock, text-CRDT state, and the

@@ -24,6 +24,10 @@ TOMBSTONE: dict[str, bool] = {"__deleted": True}
 #: (server ms, writer's counter after this write, writer id): compared as a tuple.
 Stamp = tuple[int, int, str]
 
+#: A field's stamp and value before a write, for L{Document.undo}; the value may be _ABSENT.
+Prior = tuple[Optional[Stamp], Any]
+_ABSENT = object()
+
 #: Stamp of a field restored from storage: any new write beats it (PROTOCOL.md section 6.8).
 RESTORED: Stamp = (0, 0, "storage")
 
@@ -92,6 +96,27 @@ class Document:
         ts = now_ms if previous is None or previous[0] < now_ms else previous[0] + 1
         stamp = (ts, counter, writer)
         return self._store(field, value, stamp), stamp
+
+    def undo(self, field: str, stamp: Stamp, prior: "Prior") -> None:
+        """
+        Take back the write stamped C{stamp} (one that could not be saved), restoring C{prior},
+        unless a later write has replaced it since.
+        """
+        if self._stamps.get(field) != stamp:
+            return
+        prior_stamp, prior_value = prior
+        if prior_stamp is None:
+            del self._stamps[field]
+        else:
+            self._stamps[field] = prior_stamp
+        if prior_value is _ABSENT:
+            self.fields.pop(field, None)
+        else:
+            self.fields[field] = prior_value
+
+    def prior(self, field: str) -> "Prior":
+        """What L{undo} needs to restore C{field} as it is now."""
+        return self._stamps.get(field), self.fields.get(field, _ABSENT)
 
     def merge(self, field: str, value: Any, stamp: Stamp) -> bool:
         """

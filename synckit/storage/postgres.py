@@ -1,0 +1,270 @@
+"""
+Storage in PostgreSQL (PROTOCOL.md sections 7.1-7.4), over txpostgres.
+
+The tables are the reference server's, so either server reads what the other wrote.  One
+message's writes go to the database in one call of ``synckit_save_writes`` (migration 002): one
+round trip and one transaction, which the ``ack`` waits for.
+
+Every connection of the pool has a dead-connection detector: when PostgreSQL goes away, calls on
+that connection fail at once and it reconnects in the background with back-off.  Calls fail with
+L{StorageUnavailable} while it is down, or when PostgreSQL does not answer within the timeout;
+the server refuses writes then, and keeps serving what it has cached.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+from urllib.parse import urlsplit
+
+import orjson
+import psycopg2
+from psycopg2.extras import Json
+from twisted.internet.defer import CancelledError, Deferred, FirstError, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres import reconnection, retrying, txpostgres
+from zope.interface import implementer
+
+from synckit.storage import schema
+from synckit.storage.interface import FieldWrite, IStorage, StorageRefused, StorageUnavailable, StoredDocument
+from synckit.sync.document import Stamp
+
+_LOAD = (
+    "SELECT d.state, (SELECT json_object_agg(client_id, clock_value) FROM vector_clocks"
+    " WHERE document_id = d.id) FROM documents d WHERE d.id = %s"
+)
+_SAVE_TEXT = (
+    "INSERT INTO documents (id, state) VALUES (%s, %s)"
+    " ON CONFLICT (id) DO UPDATE SET state = documents.state || EXCLUDED.state"
+)
+
+#: Errors that mean PostgreSQL could not be reached or the connection broke (retry later) ...
+_UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.ConnectionDead)
+#: ... and errors about the data itself, which no retry will fix.
+_REFUSED = (psycopg2.DataError,)
+
+
+def describe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path or ''}"
+
+
+def _backoff() -> Iterator[float]:
+    """Reconnect at once, then after 0.5 s growing to 5 s: an outage is noticed soon after it ends."""
+    return retrying.simpleBackoffIterator(initialDelay=0.5, maxDelay=5.0, factor=1.7, maxRetries=0, now=True)
+
+
+def _json(value: Any) -> Json:
+    return Json(value, dumps=lambda v: orjson.dumps(v).decode("utf-8"))
+
+
+class _Pool(txpostgres.ConnectionPool):
+    """txpostgres' fixed-size pool, on our reactor, of connections that C{connect} makes."""
+
+    def __init__(self, reactor: Any, connect: Callable[[], txpostgres.Connection], url: str, size: int, **options: Any):
+        self.reactor = reactor
+        self.connectionFactory = lambda reactor, cooperator: connect()
+        super().__init__(None, url, min=size, **options)
+
+
+class _Detector(reconnection.DeadConnectionDetector):
+    """txpostgres' detector, with a handle on its reconnection loop so that stopping can end it."""
+
+    def __init__(self, reactor: Any, died: Callable[[Failure], None]) -> None:
+        super().__init__(reconnectionIterator=_backoff, reactor=reactor)
+        self._died = died
+        self._retrying: Optional[Deferred] = None
+
+    def startReconnecting(self, f: Failure) -> None:
+        self._died(f)
+        call = retrying.RetryingCall(self.reconnect)
+        call.reactor = self.reactor
+        self._retrying = call.start(self.reconnectionIterator())
+        self._retrying.addCallback(lambda _: self.connectionRecovered())
+        self._retrying.addErrback(lambda f: f.trap(CancelledError))
+
+    def connectionRecovered(self) -> Deferred:
+        self._retrying = None
+        return super().connectionRecovered()
+
+    def stop(self) -> None:
+        if self._retrying is not None:
+            self._retrying.cancel()
+
+
+@implementer(IStorage)
+class PostgresStorage:
+    name = "postgres"
+    _log = Logger()
+
+    def __init__(
+        self, reactor: Any, url: str, pool_size: int = 10, timeout: float = 5.0, auto_migrate: bool = False
+    ) -> None:
+        self._reactor = reactor
+        self._url = url
+        self._timeout = timeout
+        self._auto_migrate = auto_migrate
+        self._detectors: list[_Detector] = []
+        self._pool = _Pool(reactor, self._connection, url, pool_size, connect_timeout=max(1, int(timeout)))
+        #: how many times a pooled connection came back after PostgreSQL went away
+        self.reconnects = 0
+
+    def _connection(self) -> txpostgres.Connection:
+        detector = _Detector(self._reactor, self._died)
+        detector.addRecoveryHandler(self._recovered)
+        self._detectors.append(detector)
+        return txpostgres.Connection(self._reactor, detector=detector)
+
+    def _died(self, failure: Failure) -> None:
+        self._log.warn(
+            "lost a PostgreSQL connection to {database}: {error}; reconnecting",
+            database=describe(self._url),
+            error=failure.getErrorMessage().strip(),
+        )
+
+    def _recovered(self) -> None:
+        self.reconnects += 1
+        self._log.info("PostgreSQL connection to {database} is back", database=describe(self._url))
+
+    # Lifecycle
+
+    async def _start(self) -> None:
+        try:
+            await self._within(self._pool.start(), "connecting")
+        except FirstError as e:
+            self._pool.close()
+            error = e.subFailure.value
+            raise StorageUnavailable(f"cannot connect to PostgreSQL at {describe(self._url)}: {error_text(error)}") from None
+        except Exception as e:
+            self._pool.close()
+            raise StorageUnavailable(f"cannot connect to PostgreSQL at {describe(self._url)}: {error_text(e)}") from None
+        try:
+            if self._auto_migrate:
+                await self._migrate()
+            await schema.check(self._pool)
+        except Exception:
+            self._pool.close()
+            raise
+
+    def start(self) -> Deferred:
+        return Deferred.fromCoroutine(self._start())
+
+    async def _migrate(self) -> None:
+        connection = txpostgres.Connection(self._reactor)
+        await connection.connect(self._url, connect_timeout=max(1, int(self._timeout)))
+        try:
+            await schema.Migrator(connection).migrate()
+        finally:
+            connection.close()
+
+    def stop(self) -> Deferred:
+        for detector in self._detectors:
+            detector.stop()
+        self._pool.close()
+        return succeed(None)
+
+    # Calls
+
+    def _within(self, d: Deferred, what: str) -> Deferred:
+        """
+        C{d}'s result, or L{StorageUnavailable} after the timeout.  The query itself is not
+        cancelled (txpostgres would have to cancel it on the server); its late result is dropped.
+        """
+        result: Deferred = Deferred()
+
+        def late() -> None:
+            result.errback(StorageUnavailable(f"PostgreSQL did not answer {what} within {self._timeout:g} s"))
+
+        timer = self._reactor.callLater(self._timeout, late)
+
+        def done(outcome: Any) -> None:
+            if not timer.active():
+                return  # timed out already: the caller has its answer
+            timer.cancel()
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        d.addBoth(done)
+        return result
+
+    async def _call(self, what: str, run: Callable[[], Deferred]) -> Any:
+        """
+        Run a pooled call, within the timeout, with errors turned into the storage's own.  A
+        connection that is already known dead refuses the call before sending anything, so the
+        call is tried on the others before giving up.
+        """
+        attempts = len(self._pool.connections) + 1
+        for attempt in range(attempts):
+            try:
+                return await self._within(run(), what)
+            except reconnection.ConnectionDead:
+                if attempt + 1 == attempts:
+                    raise StorageUnavailable(f"PostgreSQL at {describe(self._url)} is unavailable") from None
+            except _UNAVAILABLE as e:
+                raise StorageUnavailable(f"PostgreSQL at {describe(self._url)} is unavailable: {error_text(e)}") from None
+            except _REFUSED as e:
+                raise StorageRefused(f"PostgreSQL refused the data: {error_text(e)}") from None
+        raise AssertionError("unreachable")
+
+    async def _load(self, doc_id: str) -> Optional[StoredDocument]:
+        rows = await self._call("a document load", lambda: self._pool.runQuery(_LOAD, (doc_id,)))
+        if not rows:
+            return None
+        state, clock = rows[0]
+        return stored_document(state, clock)
+
+    def load(self, doc_id: str) -> "Deferred[Optional[StoredDocument]]":
+        return Deferred.fromCoroutine(self._load(doc_id))
+
+    def save_writes(self, doc_id: str, writes: Sequence[FieldWrite]) -> Deferred:
+        records = [{"field": w.field, "value": w.value, "stamp": list(w.stamp)} for w in writes]
+        payload = _json(records)
+        return Deferred.fromCoroutine(
+            self._call("a write", lambda: self._pool.runOperation("SELECT synckit_save_writes(%s, %s)", (doc_id, payload)))
+        )
+
+    def save_text(self, doc_id: str, crdt: str, clock: float) -> Deferred:
+        state = _json({"type": "text", "content": "", "crdt": crdt, "clock": clock})
+        return Deferred.fromCoroutine(
+            self._call("a text write", lambda: self._pool.runOperation(_SAVE_TEXT, (doc_id, state)))
+        )
+
+    def clear(self) -> Deferred:
+        return Deferred.fromCoroutine(self._call("clearing", lambda: self._pool.runOperation("DELETE FROM documents")))
+
+    async def _ping(self) -> float:
+        started = time.perf_counter()
+        await self._call("a ping", lambda: self._pool.runQuery("SELECT 1"))
+        return time.perf_counter() - started
+
+    def ping(self) -> "Deferred[float]":
+        return Deferred.fromCoroutine(self._ping())
+
+
+def error_text(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def stored_document(state: Any, clock: Any) -> StoredDocument:
+    """
+    Read a ``documents.state`` written by us or by the reference: ``{"id", "fields"}`` for field
+    documents, ``{"type": "text", "crdt", "clock"}`` for text, both in one object when both were
+    written through us, and our ``stamps`` (absent in the reference's rows).
+    """
+    state = state if isinstance(state, dict) else {}
+    fields = state.get("fields")
+    text = None
+    if state.get("type") == "text" and state.get("crdt"):
+        text = (state["crdt"], state.get("clock") or 0)
+    stamps: dict[str, Stamp] = {}
+    for name, stamp in (state.get("stamps") or {}).items():
+        if isinstance(stamp, list) and len(stamp) == 3:
+            stamps[name] = (stamp[0], stamp[1], stamp[2])
+    counters = {str(k): int(v) for k, v in (clock or {}).items()}
+    return StoredDocument(dict(fields) if isinstance(fields, dict) else {}, counters, text, stamps)

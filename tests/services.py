@@ -143,6 +143,27 @@ class PostgresServer(_Server):
         except psycopg2.OperationalError:
             return False
 
+    def signal_all(self, signum: int) -> None:
+        """
+        Signal the postmaster and every backend: each backend is a session of its own, so a
+        process-group signal would miss them.  SIGSTOP stalls the server without closing a socket.
+        """
+        assert self.process is not None
+        pids = [self.process.pid]
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                with open(stat) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.split("/")[2]))
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # a backend that has just ended
+
     def execute(self, sql: str, database: str = "postgres") -> list[tuple]:
         """Run SQL synchronously, for test set-up and inspection."""
         conn = psycopg2.connect(self.url.rsplit("/", 1)[0] + "/" + database)

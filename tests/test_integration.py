@@ -9,39 +9,12 @@ import json
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
-from synckit.pubsub.local import LocalBus, LocalPubSub
-from synckit.service import SyncKitService
-from synckit.storage.memory import MemoryStorage
-from tests.helpers import config
-from tests.wsclient import RecordingClient, connect
+from tests.wsclient import ServiceCase
 
 
-class ServiceTests(TestCase):
-    def start(self, **overrides) -> SyncKitService:
-        service = SyncKitService(
-            config(port=0, host="127.0.0.1", **overrides), reactor, MemoryStorage(), LocalPubSub(LocalBus(reactor))
-        )
-        service.startService()
-        self.addCleanup(lambda: service.running and service.stopService())
-        return service
-
-    async def started(self, **overrides) -> tuple[SyncKitService, int]:
-        service = self.start(**overrides)
-        await service.started
-        return service, service.ports[0].getHost().port
-
-    async def client(self, port: int) -> RecordingClient:
-        client = await connect(port)
-        self.addCleanup(lambda: client.state != client.STATE_CLOSED and client.dropConnection(abort=True))
-        return client
-
-    async def get(self, port: int, path: str) -> tuple[int, dict]:
-        response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
-        return response.code, json.loads(await readBody(response))
-
+class ServiceTests(ServiceCase):
     def test_two_clients_sync(self) -> Deferred:
         """
         A write by one client is acknowledged, then broadcast to every subscriber, the writer

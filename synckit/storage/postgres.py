@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 import orjson
 import psycopg2
 from psycopg2.extras import Json
-from twisted.internet.defer import CancelledError, Deferred, FirstError, succeed
+from twisted.internet.defer import CancelledError, Deferred, FirstError
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
@@ -71,6 +72,21 @@ class _Pool(txpostgres.ConnectionPool):
         super().__init__(None, url, min=size, **options)
 
 
+class _Connection(txpostgres.Connection):
+    """
+    txpostgres' connection, noticing when PostgreSQL closes it while idle.  txpostgres leaves
+    that error to the reactor, which logs it as unhandled; here it starts the reconnection at
+    once, before a client's request finds the connection dead.
+    """
+
+    def doRead(self) -> None:
+        try:
+            super().doRead()
+        except psycopg2.Error:
+            self.reactor.removeReader(self)
+            self.detector.checkForDeadConnection(Failure())
+
+
 class _Detector(reconnection.DeadConnectionDetector):
     """txpostgres' detector, with a handle on its reconnection loop so that stopping can end it."""
 
@@ -78,8 +94,11 @@ class _Detector(reconnection.DeadConnectionDetector):
         super().__init__(reconnectionIterator=_backoff, reactor=reactor)
         self._died = died
         self._retrying: Optional[Deferred] = None
+        self._stopped = False
 
     def startReconnecting(self, f: Failure) -> None:
+        if self._stopped:
+            return
         self._died(f)
         call = retrying.RetryingCall(self.reconnect)
         call.reactor = self.reactor
@@ -92,6 +111,8 @@ class _Detector(reconnection.DeadConnectionDetector):
         return super().connectionRecovered()
 
     def stop(self) -> None:
+        """End reconnecting, now and for good: the storage is closing its connections."""
+        self._stopped = True
         if self._retrying is not None:
             self._retrying.cancel()
 
@@ -108,7 +129,7 @@ class PostgresStorage:
         self._url = url
         self._timeout = timeout
         self._auto_migrate = auto_migrate
-        self._detectors: list[_Detector] = []
+        self._connections: list[txpostgres.Connection] = []
         self._pool = _Pool(reactor, self._connection, url, pool_size, connect_timeout=max(1, int(timeout)))
         #: how many times a pooled connection came back after PostgreSQL went away
         self.reconnects = 0
@@ -116,8 +137,9 @@ class PostgresStorage:
     def _connection(self) -> txpostgres.Connection:
         detector = _Detector(self._reactor, self._died)
         detector.addRecoveryHandler(self._recovered)
-        self._detectors.append(detector)
-        return txpostgres.Connection(self._reactor, detector=detector)
+        connection = _Connection(self._reactor, detector=detector)
+        self._connections.append(connection)
+        return connection
 
     def _died(self, failure: Failure) -> None:
         self._log.warn(
@@ -161,11 +183,22 @@ class PostgresStorage:
         finally:
             connection.close()
 
+    async def _stop(self) -> None:
+        for connection in self._connections:
+            connection.detector.stop()
+        for connection in self._connections:
+            # Every connection, busy or not (the pool only knows its idle ones), once its query
+            # in flight is done: txpostgres mishandles closing under a running query.
+            try:
+                await self._within(connection.lock.acquire(), "the last query before closing")
+            except StorageUnavailable:
+                self._log.warn("closing a PostgreSQL connection with a query still running")
+            connection.close()
+        # txpostgres reports outcomes one reactor turn late (callLater(0)): let them land.
+        await deferLater(self._reactor, 0, lambda: None)
+
     def stop(self) -> Deferred:
-        for detector in self._detectors:
-            detector.stop()
-        self._pool.close()
-        return succeed(None)
+        return Deferred.fromCoroutine(self._stop())
 
     # Calls
 

@@ -1,0 +1,179 @@
+"""
+PostgreSQL specifics, on real servers: migrations, the reference's row shapes both ways, data
+PostgreSQL refuses, and what an outage or a stalled server does to calls.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any, Awaitable, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from txpostgres import txpostgres
+
+from synckit.storage import schema
+from synckit.storage.interface import FieldWrite, StorageRefused, StorageUnavailable
+from synckit.storage.postgres import PostgresStorage
+from tests.services import PostgresServer, shared_postgres
+
+
+async def connection(url: str) -> txpostgres.Connection:
+    conn = txpostgres.Connection(reactor)
+    await conn.connect(url)
+    return conn
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], within: float = 15.0) -> Any:
+    """C{check}'s result once it stops raising, polling every 0.1 s up to C{within} seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await check()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+class MigrationTests(TestCase):
+    def setUp(self) -> None:
+        self.server = shared_postgres()
+        self.url = self.server.new_database()
+
+    async def migrator(self) -> schema.Migrator:
+        conn = await connection(self.url)
+        self.addCleanup(conn.close)
+        return schema.Migrator(conn)
+
+    async def test_migrate_is_idempotent(self) -> None:
+        """A fresh database is brought to the latest version; a second run does nothing."""
+        migrator = await self.migrator()
+        applied = await migrator.migrate()
+        self.assertEqual([m.version for m in applied], list(range(1, schema.latest() + 1)))
+        self.assertEqual(await migrator.migrate(), [])
+        rows = self.server.execute("SELECT version, name FROM synckit_migrations ORDER BY version", self.url.rsplit("/", 1)[1])
+        self.assertEqual([r[0] for r in rows], list(range(1, schema.latest() + 1)))
+
+    async def test_concurrent_migrations_take_turns(self) -> None:
+        """Two processes migrating at once apply each migration exactly once between them."""
+        first, second = await self.migrator(), await self.migrator()
+        results = await DeferredList(
+            [Deferred.fromCoroutine(first.migrate()), Deferred.fromCoroutine(second.migrate())], fireOnOneErrback=True
+        )
+        applied = sorted(m.version for _, migrations in results for m in migrations)
+        self.assertEqual(applied, list(range(1, schema.latest() + 1)))
+
+    async def test_server_refuses_an_old_schema(self) -> None:
+        """Without --auto-migrate, an unmigrated database stops start-up with what to run."""
+        storage = PostgresStorage(reactor, self.url, pool_size=1)
+        with self.assertRaises(schema.SchemaError) as caught:
+            await storage.start()
+        self.assertIn("synckit-migrate", str(caught.exception))
+
+    async def test_server_refuses_a_newer_schema(self) -> None:
+        await (await self.migrator()).migrate()
+        self.server.execute("INSERT INTO synckit_migrations (version, name) VALUES (999, 'future')", self.url.rsplit("/", 1)[1])
+        storage = PostgresStorage(reactor, self.url, pool_size=1)
+        with self.assertRaises(schema.SchemaError) as caught:
+            await storage.start()
+        self.assertIn("upgrade synckit", str(caught.exception))
+
+    async def test_unreachable_database(self) -> None:
+        """Start-up fails with a one-line reason naming the database, without its password."""
+        storage = PostgresStorage(reactor, "postgresql://u:secret@127.0.0.1:1/db", pool_size=1, timeout=2)
+        with self.assertRaises(StorageUnavailable) as caught:
+            await storage.start()
+        self.assertIn("cannot connect to PostgreSQL at 127.0.0.1:1/db", str(caught.exception))
+        self.assertNotIn("secret", str(caught.exception))
+
+
+class ReferenceRowsTests(TestCase):
+    """Rows as the reference server writes and reads them (PROTOCOL.md section 7.2)."""
+
+    async def start_storage(self) -> PostgresStorage:
+        self.server = shared_postgres()
+        self.url = self.server.new_database()
+        self.database = self.url.rsplit("/", 1)[1]
+        storage = PostgresStorage(reactor, self.url, pool_size=1, auto_migrate=True)
+        await storage.start()
+        self.addCleanup(storage.stop)
+        return storage
+
+    async def test_reads_the_references_rows(self) -> None:
+        storage = await self.start_storage()
+        state = {"id": "room:1", "fields": {"title": "from the reference", "n": 0}}
+        self.server.execute(f"INSERT INTO documents (id, state) VALUES ('room:1', '{json.dumps(state)}')", self.database)
+        self.server.execute(
+            "INSERT INTO vector_clocks (document_id, client_id, clock_value) VALUES ('room:1', 'conn-1', 31)", self.database
+        )
+        stored = await storage.load("room:1")
+        self.assertEqual((stored.fields, stored.clock, stored.stamps), (state["fields"], {"conn-1": 31}, {}))
+
+    async def test_writes_rows_the_reference_reads(self) -> None:
+        """state.id and state.fields hold the visible fields (no tombstones); deltas log each write."""
+        storage = await self.start_storage()
+        await storage.save_writes("d", [FieldWrite("a", 1, "w1", 1, 1000), FieldWrite("b", 2, "w1", 2, 1000)])
+        await storage.save_writes("d", [FieldWrite("b", {"__deleted": True}, "w1", 3, 1001)])
+        [(state,)] = self.server.execute("SELECT state FROM documents WHERE id = 'd'", self.database)
+        self.assertEqual((state["id"], state["fields"]), ("d", {"a": 1}))
+        log = self.server.execute("SELECT operation_type, field_path, value FROM deltas ORDER BY clock_value", self.database)
+        self.assertEqual(log, [("set", "a", 1), ("set", "b", 2), ("delete", "b", None)])
+
+    async def test_data_postgresql_refuses(self) -> None:
+        """A NUL character, which JSONB cannot hold, is refused as data, not as an outage."""
+        storage = await self.start_storage()
+        with self.assertRaises(StorageRefused):
+            await storage.save_writes("d", [FieldWrite("a", "nul\u0000here", "w1", 1, 1000)])
+        await storage.save_writes("d", [FieldWrite("a", "fine", "w1", 2, 1001)])
+        self.assertEqual((await storage.load("d")).fields, {"a": "fine"})
+
+
+class OutageTests(TestCase):
+    """A private PostgreSQL, killed and stalled under a running storage."""
+
+    async def start_storage(self) -> PostgresStorage:
+        self.server = PostgresServer()
+        self.addCleanup(self.server.destroy)
+        self.server.start()
+        storage = PostgresStorage(reactor, self.server.url, pool_size=2, timeout=1, auto_migrate=True)
+        await storage.start()
+        self.addCleanup(storage.stop)
+        return storage
+
+    async def test_kill_and_restart(self) -> None:
+        """
+        While PostgreSQL is down, calls fail with StorageUnavailable at once; after it is back,
+        the pool reconnects by itself and nothing saved before is missing.
+        """
+        storage = await self.start_storage()
+        await storage.save_writes("d", [FieldWrite("before", 1, "w1", 1, 1000)])
+        self.server.kill()
+        started = time.monotonic()
+        with self.assertRaises(StorageUnavailable):
+            await storage.save_writes("d", [FieldWrite("during", 1, "w1", 2, 1001)])
+        self.assertLess(time.monotonic() - started, 1.5)
+        with self.assertRaises(StorageUnavailable):
+            await storage.load("d")
+        self.server.start()
+        await eventually(lambda: storage.save_writes("d", [FieldWrite("after", 1, "w1", 3, 1002)]))
+        self.assertEqual((await storage.load("d")).fields, {"before": 1, "after": 1})
+        self.assertGreaterEqual(storage.reconnects, 1)
+
+    async def test_stalled_server_times_out(self) -> None:
+        """A PostgreSQL that stops answering (SIGSTOP) fails calls after the timeout, not never."""
+        storage = await self.start_storage()
+        self.server.signal_all(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with self.assertRaises(StorageUnavailable) as caught:
+                await storage.ping()
+            self.assertLess(time.monotonic() - started, 3)
+            self.assertIn("within 1 s", str(caught.exception))
+        finally:
+            self.server.signal_all(signal.SIGCONT)
+        await eventually(storage.ping)

@@ -19,8 +19,8 @@ from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
 from synckit.pubsub.interface import IPubSub
 from synckit.pubsub.watches import Watches
-from synckit.session import Client, Reject, Session
-from synckit.storage.interface import FieldWrite, IStorage, StorageRefused, StorageUnavailable
+from synckit.session import Client, Session
+from synckit.storage.interface import FieldWrite, IStorage
 from synckit.sync.awareness import Awareness
 from synckit.sync.broadcast import Broadcaster, deliver
 from synckit.sync.document import TOMBSTONE, Document, Prior, Stamp
@@ -101,18 +101,13 @@ class SyncServer:
         Make writes applied to C{doc} durable, then broadcast them here and publish them to the
         other instances.  The caller acknowledges only after this returns.  If storage fails,
         the writes are taken back (C{priors}: each field as it was before), so that nobody is
-        sent a value that was never saved, and the client is told to retry.
+        sent a value that was never saved; the client gets an error instead of an ack.
         """
         try:
             await self.storage.save_writes(doc.id, writes)
-        except Exception as e:
+        except Exception:
             for write, prior in reversed(list(zip(writes, priors))):
                 doc.undo(write.field, write.stamp, prior)
-            if isinstance(e, StorageUnavailable):
-                details = {"code": "STORAGE_UNAVAILABLE", "documentId": doc.id}
-                raise Reject("Storage unavailable: the write was not saved, retry later", details) from None
-            if isinstance(e, StorageRefused):
-                raise Reject(f"Write not saved: {e}", {"code": "INVALID_MESSAGE", "documentId": doc.id}) from None
             raise
         self.broadcaster.queue(doc.id, (w.field for w in writes))
         payload = {"writes": [list(w) for w in writes], "clock": dict(doc.clock)}

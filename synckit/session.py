@@ -24,6 +24,7 @@ from synckit import wire
 from synckit.auth import Identity
 from synckit.chunks import ChunkAssembler, ChunkError
 from synckit.limits import RateLimiter
+from synckit.storage.interface import StorageRefused, StorageUnavailable
 from synckit.tasks import run_now
 
 if TYPE_CHECKING:
@@ -207,11 +208,19 @@ class Session:
         if failure.check(Reject):
             self.error(failure.value.error, failure.value.details)
             return
+        error, with_document = fallback
+        details: dict[str, Any] = {"documentId": message.get("documentId")} if with_document else {}
+        # Storage errors are the client's to retry (or not); storage logs the outage once.
+        if failure.check(StorageUnavailable):
+            self.error(f"{error}: storage unavailable, retry later", {**details, "code": "STORAGE_UNAVAILABLE"})
+            return
+        if failure.check(StorageRefused):
+            self.error(f"{error}: {failure.getErrorMessage()}", {**details, "code": "INVALID_MESSAGE"})
+            return
         self._log.failure(
             "{kind} from {session} failed", failure, kind=message.get("type"), session=self.id
         )
-        error, with_document = fallback
-        self.error(error, {"documentId": message.get("documentId")} if with_document else None)
+        self.error(error, details or None)
 
     def _add_chunk(self, message: wire.Message) -> Optional[Deferred]:
         if self.chunks is None:

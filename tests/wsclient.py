@@ -53,7 +53,7 @@ class RecordingClient(WebSocketClientProtocol):
     def send(self, kind: str, payload: Optional[dict[str, Any]] = None) -> None:
         self.sendMessage(binary(kind, payload), isBinary=True)
 
-    def wait_for(self, match: Callable[[dict[str, Any]], bool]) -> Deferred:
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float = 5) -> Deferred:
         """Fires with the first message, already received or yet to come, that C{match}es."""
         for message in self.received:
             if match(message):
@@ -63,7 +63,7 @@ class RecordingClient(WebSocketClientProtocol):
                 return d
         d = Deferred()
         self._waiting.append((match, d))
-        return d.addTimeout(5, reactor)
+        return d.addTimeout(timeout, reactor)
 
     def wait_type(self, kind: str) -> Deferred:
         return self.wait_for(lambda m: m["type"] == kind)

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from synckit.pubsub.watches import Watches
-from synckit.storage.interface import IStorage, StoredDocument
+from synckit.storage.interface import IStorage, StorageUnavailable, StoredDocument
 from synckit.sync.document import Document
 
 
@@ -60,7 +60,10 @@ class DocumentRegistry:
     def _load_failed(self, failure: Failure, doc_id: str) -> None:
         # Serving an empty document in place of one storage could not read would let clients
         # overwrite what they never saw; the request fails instead and the client retries.
-        self._log.failure("loading document {doc} failed", failure, doc=doc_id)
+        if failure.check(StorageUnavailable):
+            self._log.warn("could not load document {doc}: {error}", doc=doc_id, error=failure.getErrorMessage())
+        else:
+            self._log.failure("loading document {doc} failed", failure, doc=doc_id)
         for waiter in self._loading.pop(doc_id):
             waiter.errback(failure)
 

@@ -17,7 +17,7 @@ from synckit.auth import ADMIN, ADMIN_CLAIM, EVERYONE, EVERYONE_CLAIM, Identity,
 from synckit.config import Config
 from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
-from synckit.pubsub.interface import IPubSub
+from synckit.pubsub.interface import IPubSub, PubSubUnavailable
 from synckit.pubsub.watches import Watches
 from synckit.session import Client, Session
 from synckit.storage.interface import FieldWrite, IStorage
@@ -111,7 +111,7 @@ class SyncServer:
             raise
         self.broadcaster.queue(doc.id, (w.field for w in writes))
         payload = {"writes": [list(w) for w in writes], "clock": dict(doc.clock)}
-        self.tasks.add(self.pubsub.publish("delta", doc.id, payload), "publishing a delta")
+        self._publish("delta", doc.id, payload)
 
     def subscribe_awareness(self, session: Session, doc_id: str) -> list[dict[str, Any]]:
         """Add a presence subscriber; other instances' presence updates for the document now come here."""
@@ -123,13 +123,22 @@ class SyncServer:
     def update_awareness(self, doc_id: str, client_id: str, state: Any, clock: Any) -> None:
         self._apply_awareness(doc_id, client_id, state, clock)
         payload = {"clientId": client_id, "state": state, "clock": clock}
-        self.tasks.add(self.pubsub.publish("awareness", doc_id, payload), "publishing awareness")
+        self._publish("awareness", doc_id, payload)
 
     def _apply_awareness(self, doc_id: str, client_id: str, state: Any, clock: Any) -> None:
         now = self.now_ms()
         subscribers = self.awareness.update(doc_id, client_id, state, clock, now)
         body = {"id": self.ids(now), "documentId": doc_id, "clientId": client_id, "state": state, "clock": clock}
         deliver(Frame("awareness_update", now, body), subscribers)
+
+    def _publish(self, kind: str, doc_id: str, payload: dict[str, Any]) -> None:
+        """
+        Tell the other instances, in the background.  While pub/sub is down the publication is
+        lost (pub/sub logs the outage once, and the others resync from storage when it is back).
+        """
+        d = self.pubsub.publish(kind, doc_id, payload)
+        d.addErrback(lambda f: f.trap(PubSubUnavailable) and None)
+        self.tasks.add(d, f"publishing {kind}")
 
     def receive_remote(self, kind: str, doc_id: str, payload: dict[str, Any]) -> None:
         """Another instance's publication: merge it, and broadcast what changed here."""

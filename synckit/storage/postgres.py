@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import orjson
 import psycopg2
 from psycopg2.extras import Json
-from twisted.internet.defer import CancelledError, Deferred, FirstError
+from twisted.internet.defer import Deferred, FirstError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,17 +74,26 @@ class _Pool(txpostgres.ConnectionPool):
 
 class _Connection(txpostgres.Connection):
     """
-    txpostgres' connection, noticing when PostgreSQL closes it while idle.  txpostgres leaves
-    that error to the reactor, which logs it as unhandled; here it starts the reconnection at
-    once, before a client's request finds the connection dead.
+    txpostgres' connection, without its standing registration as a reactor reader.  txpostgres
+    watches every idle connection to hear NOTIFY, which we never use; when PostgreSQL goes away,
+    libpq closes the socket under that registration and the epoll reactor's bookkeeping goes
+    stale (errors on later, unrelated descriptors).  Here the socket is watched only while a
+    connection attempt or a query is polling it, and txpostgres unregisters those before each
+    poll; a dead idle connection is noticed by its next query, which fails and reconnects.
     """
 
+    def connect(self, *args: Any, **kwargs: Any) -> Deferred:
+        return super().connect(*args, **kwargs).addCallback(self._stop_reading)
+
+    def _stop_reading(self, result: Any) -> Any:
+        self.reactor.removeReader(self)
+        return result
+
     def doRead(self) -> None:
-        try:
-            super().doRead()
-        except psycopg2.Error:
-            self.reactor.removeReader(self)
-            self.detector.checkForDeadConnection(Failure())
+        txpostgres._PollingMixin.doRead(self)
+
+    def cursorFinished(self, cursor: Any) -> None:
+        self._cursors.remove(cursor)
 
 
 class _Detector(reconnection.DeadConnectionDetector):
@@ -104,7 +113,8 @@ class _Detector(reconnection.DeadConnectionDetector):
         call.reactor = self.reactor
         self._retrying = call.start(self.reconnectionIterator())
         self._retrying.addCallback(lambda _: self.connectionRecovered())
-        self._retrying.addErrback(lambda f: f.trap(CancelledError))
+        # Reconnection only ends by stopping; whatever the attempt under way says then is moot.
+        self._retrying.addErrback(lambda f: None if self._stopped else f)
 
     def connectionRecovered(self) -> Deferred:
         self._retrying = None
@@ -114,7 +124,10 @@ class _Detector(reconnection.DeadConnectionDetector):
         """End reconnecting, now and for good: the storage is closing its connections."""
         self._stopped = True
         if self._retrying is not None:
-            self._retrying.cancel()
+            try:
+                self._retrying.cancel()
+            except psycopg2.OperationalError:
+                pass  # a connection attempt is under way: closing the connection ends it
 
 
 @implementer(IStorage)
@@ -193,6 +206,10 @@ class PostgresStorage:
                 await self._within(connection.lock.acquire(), "the last query before closing")
             except StorageUnavailable:
                 self._log.warn("closing a PostgreSQL connection with a query still running")
+            # Close the socket first: after a reconnection txpostgres may have it registered with
+            # the reactor under an older descriptor, and a closed one is looked up by identity.
+            if connection._connection is not None and not connection._connection.closed:
+                connection._connection.close()
             connection.close()
         # txpostgres reports outcomes one reactor turn late (callLater(0)): let them land.
         await deferLater(self._reactor, 0, lambda: None)

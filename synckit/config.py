@@ -50,6 +50,8 @@ class Config:
     redis: Optional[str] = None
     redis_prefix: str = "synckit:"
     backend_timeout: int = 5000
+    metrics_port: Optional[int] = None
+    metrics_host: str = "127.0.0.1"
 
 
 # Parsers: text -> value, raising ValueError with a short reason.
@@ -180,6 +182,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis", "REDIS_URL", _url("redis"), "Redis URL, e.g. redis://:PASSWORD@cache.example:6379/0, to relay writes and presence between instances; unset: one instance"),
     Setting("redis_prefix", "REDIS_CHANNEL_PREFIX", _text, "prefix of the Redis channels (<prefix>delta:<document>, <prefix>awareness:<document>)"),
     Setting("backend_timeout", "SYNCKIT_BACKEND_TIMEOUT", _integer(100), "ms to wait for PostgreSQL or Redis on a client's behalf before giving up with an error"),
+    Setting("metrics_port", "SYNCKIT_METRICS_PORT", _integer(0, 65535), "serve /metrics on this port (and not on the main one); unset: on the main port"),
+    Setting("metrics_host", "SYNCKIT_METRICS_HOST", _text, "address of the separate /metrics listener"),
 )  # fmt: skip
 
 _BY_OPTION = {s.option: s for s in SETTINGS}

@@ -15,7 +15,6 @@ from typing import Any, Callable, Coroutine, NamedTuple, Optional
 from synckit.auth import EVERYONE, EVERYONE_CLAIM, Identity, InvalidToken
 from synckit.session import Reject, Session
 from synckit.storage.interface import FieldWrite
-from synckit.sync.broadcast import deliver
 from synckit.sync.document import TOMBSTONE, Document, Prior
 from synckit.wire import Frame, Message
 
@@ -175,7 +174,7 @@ async def on_delta(session: Session, message: Message) -> None:
     writes = [_write(doc, session, name, value, now, priors) for name, value in changes.items()]
     doc.merge_clock(message.get("vectorClock") or message.get("clock"))
     doc.last_modified = message.get("timestamp")
-    await server.commit(doc, writes, priors)
+    await server.commit(doc, writes, priors, session.received_at)
     _acknowledge(session, message)
 
 
@@ -217,7 +216,7 @@ async def on_delta_batch(session: Session, message: Message) -> None:
                 doc.merge_clock(op["clock"])
     doc.last_modified = message.get("timestamp")
     if writes:
-        await server.commit(doc, writes, priors)
+        await server.commit(doc, writes, priors, session.received_at)
     if text_ops:
         # Text operations go out at once, to everyone but the sender (section 4.8 step 6).
         frame = Frame(
@@ -225,7 +224,7 @@ async def on_delta_batch(session: Session, message: Message) -> None:
             now,
             {"id": server.ids(now), "documentId": doc_id, "deltas": text_ops, "isTextOperation": True},
         )
-        deliver(frame, server.registry.subscribers(doc_id), exclude=session)
+        server.deliver(frame, server.registry.subscribers(doc_id), exclude=session)
     _acknowledge(session, message)
 
 

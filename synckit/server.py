@@ -7,6 +7,7 @@ HTTP resources call into it.
 from __future__ import annotations
 
 import itertools
+from time import perf_counter
 from typing import Any, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
@@ -17,6 +18,7 @@ from synckit.auth import ADMIN, ADMIN_CLAIM, EVERYONE, EVERYONE_CLAIM, Identity,
 from synckit.config import Config
 from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
+from synckit.metrics import Metrics
 from synckit.pubsub.interface import IPubSub, PubSubUnavailable
 from synckit.pubsub.watches import Watches
 from synckit.session import Client, Session
@@ -33,8 +35,12 @@ class SyncServer:
     _log = Logger()
     handlers = HANDLERS
 
-    def __init__(self, config: Config, clock: IReactorTime, storage: IStorage, pubsub: IPubSub) -> None:
+    def __init__(
+        self, config: Config, clock: IReactorTime, storage: IStorage, pubsub: IPubSub, metrics: Optional[Metrics] = None
+    ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self)
         self.clock = clock
         self.storage = storage
         self.pubsub = pubsub
@@ -42,7 +48,7 @@ class SyncServer:
         self.tasks = BackgroundTasks()
         self.watches = Watches(pubsub)
         self.registry = DocumentRegistry(storage, self.watches, config.document_cache_size)
-        self.broadcaster = Broadcaster(clock, self.registry, self.ids)
+        self.broadcaster = Broadcaster(clock, self.registry, self.ids, self.metrics)
         self.awareness = Awareness(config.awareness_timeout)
         self.tokens = Tokens(config.jwt_secret, config.jwt_expires_in, config.jwt_refresh_expires_in, clock)
         self.connections = ConnectionLimiter(config.max_connections_per_ip, config.max_connections)
@@ -96,12 +102,13 @@ class SyncServer:
 
     # Writes
 
-    async def commit(self, doc: Document, writes: Sequence[FieldWrite], priors: Sequence[Prior]) -> None:
+    async def commit(self, doc: Document, writes: Sequence[FieldWrite], priors: Sequence[Prior], since: float) -> None:
         """
         Make writes applied to C{doc} durable, then broadcast them here and publish them to the
         other instances.  The caller acknowledges only after this returns.  If storage fails,
         the writes are taken back (C{priors}: each field as it was before), so that nobody is
-        sent a value that was never saved; the client gets an error instead of an ack.
+        sent a value that was never saved; the client gets an error instead of an ack.  C{since}
+        is when the message arrived (perf_counter), for the broadcast-delay metric.
         """
         try:
             await self.storage.save_writes(doc.id, writes)
@@ -109,7 +116,7 @@ class SyncServer:
             for write, prior in reversed(list(zip(writes, priors))):
                 doc.undo(write.field, write.stamp, prior)
             raise
-        self.broadcaster.queue(doc.id, (w.field for w in writes))
+        self.broadcaster.queue(doc.id, (w.field for w in writes), since)
         payload = {"writes": [list(w) for w in writes], "clock": dict(doc.clock)}
         self._publish("delta", doc.id, payload)
 
@@ -129,7 +136,11 @@ class SyncServer:
         now = self.now_ms()
         subscribers = self.awareness.update(doc_id, client_id, state, clock, now)
         body = {"id": self.ids(now), "documentId": doc_id, "clientId": client_id, "state": state, "clock": clock}
-        deliver(Frame("awareness_update", now, body), subscribers)
+        self.deliver(Frame("awareness_update", now, body), subscribers)
+
+    def deliver(self, frame: Frame, recipients: Iterable[Session], exclude: Optional[Session] = None) -> None:
+        """Send one frame to every authenticated recipient but C{exclude}, and count it."""
+        self.metrics.sent.inc(frame.type, deliver(frame, recipients, exclude))
 
     def _publish(self, kind: str, doc_id: str, payload: dict[str, Any]) -> None:
         """
@@ -156,7 +167,7 @@ class SyncServer:
         changed = [field for field, value, stamp in writes if doc.merge(field, value, stamp)]
         doc.merge_clock(clock)
         if changed:
-            self.broadcaster.queue(doc.id, changed)
+            self.broadcaster.queue(doc.id, changed, perf_counter())
 
     def resync(self) -> None:
         """
@@ -179,7 +190,7 @@ class SyncServer:
         now = self.now_ms()
         for doc_id, client_id, subscribers in self.awareness.expire(now):
             body = {"id": self.ids(now), "documentId": doc_id, "clientId": client_id, "state": None, "clock": now}
-            deliver(Frame("awareness_update", now, body), subscribers)
+            self.deliver(Frame("awareness_update", now, body), subscribers)
         seconds = self.clock.seconds()
         for session in self.sessions:
             if session.chunks:

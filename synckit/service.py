@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
@@ -26,7 +26,8 @@ from synckit.server import SyncServer
 from synckit.storage.interface import IStorage, StorageUnavailable
 from synckit.storage.schema import SchemaError
 from synckit.storage.memory import MemoryStorage
-from synckit.web import make_site
+from synckit.metrics import Metrics
+from synckit.web import make_site, metrics_site
 
 #: how long shutdown waits for clients to answer the close handshake.
 CLOSE_GRACE = 2.0
@@ -86,35 +87,41 @@ def _stop_for_signal(reactor: Any, name: str) -> None:
         reactor.stop()
 
 
-def make_storage(config: Config, reactor: Any) -> IStorage:
-    """PostgreSQL when a database is configured, else this process's memory."""
+def build(config: Config, reactor: Any) -> "SyncKitService":
+    """
+    The service C{config} describes: PostgreSQL storage when a database is configured (else
+    memory), Redis pub/sub when configured (else a bus of one), each timing its calls into the
+    metrics.
+    """
+    metrics = Metrics()
+    timeout = config.backend_timeout / 1000
+    storage: IStorage = MemoryStorage()
     if config.database:
         from synckit.storage.postgres import PostgresStorage
 
-        timeout = config.backend_timeout / 1000
-        return PostgresStorage(reactor, config.database, config.database_pool_size, timeout, config.auto_migrate)
-    return MemoryStorage()
-
-
-def make_pubsub(config: Config, reactor: Any) -> IPubSub:
-    """Redis when configured, else a bus of one (a single instance)."""
+        storage = PostgresStorage(
+            reactor, config.database, config.database_pool_size, timeout, config.auto_migrate, metrics.storage_call
+        )
+    pubsub: IPubSub = LocalPubSub(LocalBus(reactor))
     if config.redis:
         from synckit.pubsub.redis import RedisPubSub
 
-        return RedisPubSub(reactor, config.redis, prefix=config.redis_prefix, timeout=config.backend_timeout / 1000)
-    return LocalPubSub(LocalBus(reactor))
+        pubsub = RedisPubSub(reactor, config.redis, config.redis_prefix, timeout=timeout, observe=metrics.pubsub_call)
+    return SyncKitService(config, reactor, storage, pubsub, metrics)
 
 
 class SyncKitService(MultiService):
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, storage: IStorage, pubsub: IPubSub) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, storage: IStorage, pubsub: IPubSub, metrics: Optional[Metrics] = None
+    ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
         self.storage = storage
         self.pubsub = pubsub
-        self.server = SyncServer(config, reactor, storage, pubsub)
+        self.server = SyncServer(config, reactor, storage, pubsub, metrics)
         self.site = make_site(self.server, config)
         self.ports: list[IListeningPort] = []
         self._housekeeping = LoopingCall(self.server.housekeeping)
@@ -145,11 +152,19 @@ class SyncKitService(MultiService):
             self.ports.append(listening)
             port = listening.getHost().port  # port 0: the second address shares the first's
             self._log.info(
-                "synckit listening on {interface} port {port} (storage: {storage}, auth required: {auth})",
+                "synckit listening on {interface} port {port} (storage: {storage}, pub/sub: {pubsub}, auth required: {auth})",
                 interface=interface,
                 port=port,
                 storage=self.storage.name,
+                pubsub=self.pubsub.name,
                 auth=self.config.auth_required,
+            )
+        if self.config.metrics_port is not None:
+            site = metrics_site(self.server.metrics)
+            listening = self._reactor.listenTCP(self.config.metrics_port, site, interface=self.config.metrics_host)
+            self.ports.append(listening)
+            self._log.info(
+                "metrics on {interface} port {port}", interface=self.config.metrics_host, port=listening.getHost().port
             )
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
 

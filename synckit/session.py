@@ -14,6 +14,7 @@ them, and unexpected exceptions, into ``error`` frames.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from twisted.internet.defer import Deferred
@@ -53,7 +54,7 @@ class Session:
     # A server holds thousands of these: no per-instance __dict__.
     __slots__ = (
         "server", "client", "id", "ip", "identity", "authenticated", "binary",
-        "subscriptions", "awareness", "chunks", "_rate", "_queue", "_busy", "_open", "__weakref__",
+        "subscriptions", "awareness", "chunks", "received_at", "_rate", "_queue", "_busy", "_open", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, server: "SyncServer", client: Client, session_id: str, ip: str) -> None:
@@ -69,6 +70,8 @@ class Session:
         self.awareness: set[str] = set()
         #: made on the first chunk: almost no connection ever sends one.
         self.chunks: Optional[ChunkAssembler] = None
+        #: when (perf_counter) the message being handled arrived
+        self.received_at = 0.0
         self._rate = RateLimiter(server.config.max_messages_per_minute)
         #: messages waiting behind a handler that waits on storage; rarely more than a few.
         self._queue: list[tuple[bytes, bool]] = []
@@ -112,11 +115,13 @@ class Session:
         now = self.server.now_ms()
         body["id"] = self.server.ids(now)
         self.send(wire.Frame(type, now, body))
+        self.server.metrics.sent.inc(type)
 
     def error(self, error: str, details: Optional[dict[str, Any]] = None) -> None:
         body: dict[str, Any] = {"error": error}
         if details is not None:
             body["details"] = details
+        self.server.metrics.errors.inc(details.get("code") if details else None)
         self.reply("error", body)
 
     def close(self, code: int, reason: str) -> None:
@@ -152,12 +157,15 @@ class Session:
         return result
 
     def _handle(self, data: bytes) -> Optional[Deferred]:
+        self.received_at = started = perf_counter()
+        metrics = self.server.metrics
         try:
             message = wire.decode(data, self._new_id)
         except wire.DecodeError:
             self.error("Invalid message format")
             return None
         kind = message["type"]
+        metrics.received.inc(kind if isinstance(kind, str) else None)
         if kind == "delta_batch_chunk":
             return self._add_chunk(message)
         waiting = self._dispatch(message, len(data))
@@ -167,6 +175,10 @@ class Session:
                 self.reply("pong", {})
             else:
                 waiting.addBoth(lambda result: (self.reply("pong", {}), result)[1])
+        if waiting is None or waiting.called:
+            metrics.handling.observe(perf_counter() - started)
+        else:
+            waiting.addBoth(lambda result: (metrics.handling.observe(perf_counter() - started), result)[1])
         return waiting
 
     def _new_id(self) -> str:
@@ -174,6 +186,7 @@ class Session:
 
     def _dispatch(self, message: wire.Message, size: int) -> Optional[Deferred]:
         if not self._rate.allow(self.server.clock.seconds()):
+            self.server.metrics.rate_limited.inc()
             self.error("Too many messages. Please slow down.", {"code": "RATE_LIMIT_EXCEEDED"})
             return None
         # Size before type, as the reference validates.
@@ -228,14 +241,14 @@ class Session:
         try:
             whole = self.chunks.add(message, self.server.clock.seconds())
         except ChunkError as e:
-            self._log.info("dropped a chunk from {session}: {reason}", session=self.id, reason=str(e))
+            self._log.debug("dropped a chunk from {session}: {reason}", session=self.id, reason=str(e))
             return None
         if whole is None:
             return None
         try:
             reassembled = wire.decode(whole, self._new_id)
         except wire.DecodeError:
-            self._log.info("reassembled chunks from {session} do not decode", session=self.id)
+            self._log.debug("reassembled chunks from {session} do not decode", session=self.id)
             return None
         # A reassembled message skips chunking and the pong (section 4.10); a chunk inside a chunk
         # set reaches the type check and is refused there.

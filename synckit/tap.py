@@ -60,16 +60,15 @@ class Options(usage.Options):
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     """Build the service tree; nothing listens or connects until it starts."""
-    from synckit.service import SyncKitService, exit_one_if_start_fails, exit_zero_on_signals, make_pubsub, make_storage
+    from synckit.service import build, exit_one_if_start_fails, exit_zero_on_signals
 
-    config = options.config
     if reactor is not None:
-        return SyncKitService(config, reactor, make_storage(config, reactor), make_pubsub(config, reactor))
+        return build(options.config, reactor)
 
     # Run by twistd: the process's own reactor, signals and exit status.
     from twisted.internet import reactor  # not at import: twistd may choose another reactor
 
-    service = SyncKitService(config, reactor, make_storage(config, reactor), make_pubsub(config, reactor))
+    service = build(options.config, reactor)
     reactor.callWhenRunning(exit_zero_on_signals, reactor)
     exit_one_if_start_fails(service, reactor)
     return service

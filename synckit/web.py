@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from synckit import __version__
 from synckit.auth import InvalidToken
 from synckit.config import Config
+from synckit.metrics import Metrics
 from synckit.server import SyncServer
 from synckit.websocket import SyncFactory
 
@@ -275,6 +277,27 @@ def finish_json(request: Request, value: Any, code: int = 200) -> None:
         request.finish()
 
 
+class MetricsPage(Resource):
+    """``GET /metrics``: the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self._metrics.registry)
+
+
+def metrics_site(metrics: Metrics) -> Site:
+    """The separate metrics listener's site: ``/metrics`` and nothing else."""
+    site = Site(Folder({b"metrics": MetricsPage(metrics)}))
+    site.noisy = False
+    return site
+
+
 class Ready(JsonResource):
     """
     ``GET /health/ready``: 200 when storage and pub/sub answer a ping, else 503, with each
@@ -365,6 +388,8 @@ def make_site(server: SyncServer, config: Config) -> Site:
             }
         ),
     }
+    if config.metrics_port is None:
+        routes[b"metrics"] = MetricsPage(server.metrics)
     if config.test_endpoints:
         routes[b"_test"] = Folder({b"clear": ClearAll(server)})
     return SyncKitSite(Root(routes), config.cors_origin.encode("latin-1"))

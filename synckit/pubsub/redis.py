@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import unquote, urlsplit
 
 import cbor2
@@ -99,7 +99,13 @@ class RedisPubSub:
         prefix: str = "synckit:",
         instance_id: Optional[str] = None,
         timeout: float = 5.0,
+        observe: Optional[Callable[[str, float], None]] = None,
     ) -> None:
+        """
+        @param observe: called with (operation, seconds) after each publish or ping that Redis
+            answered, for the metrics.
+        """
+        self._observe = observe
         self.instance_id = instance_id or secrets.token_hex(8)
         #: how many times the subscriber connection came back after losing Redis
         self.reconnects = 0
@@ -208,6 +214,11 @@ class RedisPubSub:
     # Calls
 
     def _within(self, d: Deferred, what: str) -> Deferred:
+        """C{d} within the timeout; its round trip is observed when it succeeds."""
+        if self._observe is not None:
+            started = time.perf_counter()
+            observe = self._observe
+            d.addCallback(lambda result: (observe(what, time.perf_counter() - started), result)[1])
         return d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=lambda *_: self._late(what))
 
     def _late(self, what: str) -> None:
@@ -224,11 +235,11 @@ class RedisPubSub:
             connection = self._connection()
         except PubSubUnavailable:
             return fail()
-        return self._within(connection.publish(self.channel(kind, doc_id), data), "a publish")
+        return self._within(connection.publish(self.channel(kind, doc_id), data), "publish")
 
     async def _ping(self) -> float:
         started = time.perf_counter()
-        await self._within(self._connection().ping(), "a ping")
+        await self._within(self._connection().ping(), "ping")
         return time.perf_counter() - started
 
     def ping(self) -> "Deferred[float]":

@@ -136,9 +136,20 @@ class PostgresStorage:
     _log = Logger()
 
     def __init__(
-        self, reactor: Any, url: str, pool_size: int = 10, timeout: float = 5.0, auto_migrate: bool = False
+        self,
+        reactor: Any,
+        url: str,
+        pool_size: int = 10,
+        timeout: float = 5.0,
+        auto_migrate: bool = False,
+        observe: Optional[Callable[[str, float], None]] = None,
     ) -> None:
+        """
+        @param observe: called with (operation, seconds) after each call that PostgreSQL
+            answered, for the metrics.
+        """
         self._reactor = reactor
+        self._observe = observe
         self._url = url
         self._timeout = timeout
         self._auto_migrate = auto_migrate
@@ -251,8 +262,12 @@ class PostgresStorage:
         """
         attempts = len(self._pool.connections) + 1
         for attempt in range(attempts):
+            started = time.perf_counter()
             try:
-                return await self._within(run(), what)
+                result = await self._within(run(), what)
+                if self._observe is not None:
+                    self._observe(what, time.perf_counter() - started)
+                return result
             except reconnection.ConnectionDead:
                 if attempt + 1 == attempts:
                     raise StorageUnavailable(f"PostgreSQL at {describe(self._url)} is unavailable") from None
@@ -263,7 +278,7 @@ class PostgresStorage:
         raise AssertionError("unreachable")
 
     async def _load(self, doc_id: str) -> Optional[StoredDocument]:
-        rows = await self._call("a document load", lambda: self._pool.runQuery(_LOAD, (doc_id,)))
+        rows = await self._call("load", lambda: self._pool.runQuery(_LOAD, (doc_id,)))
         if not rows:
             return None
         state, clock = rows[0]
@@ -276,21 +291,21 @@ class PostgresStorage:
         records = [{"field": w.field, "value": w.value, "stamp": list(w.stamp)} for w in writes]
         payload = _json(records)
         return Deferred.fromCoroutine(
-            self._call("a write", lambda: self._pool.runOperation("SELECT synckit_save_writes(%s, %s)", (doc_id, payload)))
+            self._call("save_writes", lambda: self._pool.runOperation("SELECT synckit_save_writes(%s, %s)", (doc_id, payload)))
         )
 
     def save_text(self, doc_id: str, crdt: str, clock: float) -> Deferred:
         state = _json({"type": "text", "content": "", "crdt": crdt, "clock": clock})
         return Deferred.fromCoroutine(
-            self._call("a text write", lambda: self._pool.runOperation(_SAVE_TEXT, (doc_id, state)))
+            self._call("save_text", lambda: self._pool.runOperation(_SAVE_TEXT, (doc_id, state)))
         )
 
     def clear(self) -> Deferred:
-        return Deferred.fromCoroutine(self._call("clearing", lambda: self._pool.runOperation("DELETE FROM documents")))
+        return Deferred.fromCoroutine(self._call("clear", lambda: self._pool.runOperation("DELETE FROM documents")))
 
     async def _ping(self) -> float:
         started = time.perf_counter()
-        await self._call("a ping", lambda: self._pool.runQuery("SELECT 1"))
+        await self._call("ping", lambda: self._pool.runQuery("SELECT 1"))
         return time.perf_counter() - started
 
     def ping(self) -> "Deferred[float]":

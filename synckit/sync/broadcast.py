@@ -13,11 +13,13 @@ in the same order for all of them.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Iterable, Optional, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from synckit.metrics import Metrics
 from synckit.sync.document import TOMBSTONE
 from synckit.sync.registry import DocumentRegistry
 from synckit.wire import Frame, MessageIds
@@ -29,27 +31,35 @@ class Recipient(Protocol):
     def send(self, frame: Frame) -> None: ...
 
 
-def deliver(frame: Frame, recipients: Iterable[Recipient], exclude: Optional[Recipient] = None) -> None:
-    """Send one frame to every authenticated recipient but C{exclude}."""
+def deliver(frame: Frame, recipients: Iterable[Recipient], exclude: Optional[Recipient] = None) -> int:
+    """Send one frame to every authenticated recipient but C{exclude}; return how many got it."""
+    sent = 0
     for recipient in recipients:
         if recipient.authenticated and recipient is not exclude:
             recipient.send(frame)
+            sent += 1
+    return sent
 
 
 class Broadcaster:
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, registry: DocumentRegistry, ids: MessageIds) -> None:
+    def __init__(self, clock: IReactorTime, registry: DocumentRegistry, ids: MessageIds, metrics: Metrics) -> None:
         self._clock = clock
         self._registry = registry
         self._ids = ids
+        self._metrics = metrics
         self._pending: dict[str, dict[str, None]] = {}
+        #: per queued document, when (perf_counter) its earliest pending write arrived
+        self._since: dict[str, float] = {}
         self._call: Optional[IDelayedCall] = None
 
-    def queue(self, doc_id: str, fields: Iterable[str]) -> None:
+    def queue(self, doc_id: str, fields: Iterable[str], since: float) -> None:
+        """Queue C{fields} of C{doc_id} for broadcast; C{since} is when their write arrived."""
         batch = self._pending.get(doc_id)
         if batch is None:
             batch = self._pending[doc_id] = {}
+            self._since[doc_id] = since
         batch.update(dict.fromkeys(fields))
         if self._call is None:
             self._call = self._clock.callLater(0, self.flush)
@@ -61,10 +71,12 @@ class Broadcaster:
                 self._call.cancel()
             self._call = None
         pending, self._pending = self._pending, {}
+        since, self._since = self._since, {}
         now = int(self._clock.seconds() * 1000)
         for doc_id, batch in pending.items():
             try:
                 self._send(doc_id, batch, now)
+                self._metrics.broadcast_delay.observe(perf_counter() - since[doc_id])
             except Exception:
                 # One document's failure must not cost the others their broadcasts.
                 self._log.failure("broadcasting {doc} failed", doc=doc_id)
@@ -90,3 +102,5 @@ class Broadcaster:
             )
             for recipient in recipients:
                 recipient.send(frame)
+        self._metrics.fanout.observe(len(recipients))
+        self._metrics.sent.inc("delta", len(recipients) * len(batch))

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TESTS ?= tests
 
-.PHONY: run test install clean
+.PHONY: run test install clean deb test-deb
 
 install: $(VENV)/.installed
 
@@ -22,5 +22,12 @@ test: install
 	tools/install-test-deps
 	SYNCKIT_REQUIRE_SERVICES=true tools/run-tests $(BIN) $(TESTS)
 
+# The Debian package (dh-virtualenv), in dist/; and its install/run/purge test (as root).
+deb:
+	tools/build-deb
+
+test-deb:
+	tools/test-deb
+
 clean:
-	rm -rf $(VENV) _trial_temp build *.egg-info twisted/plugins/dropin.cache
+	rm -rf $(VENV) _trial_temp build dist *.egg-info twisted/plugins/dropin.cache

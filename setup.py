@@ -10,9 +10,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=["synckit", "synckit.sync", "synckit.storage", "synckit.pubsub", "twisted.plugins"],
+    packages=["synckit", "synckit.sync", "synckit.storage", "synckit.pubsub", "synckit.bench", "twisted.plugins"],
     package_data={"synckit.storage": ["migrations/*.sql"]},
-    entry_points={"console_scripts": ["synckit-migrate = synckit.migrate:main"]},
+    entry_points={
+        "console_scripts": ["synckit-migrate = synckit.migrate:main", "synckit-bench = synckit.bench.cli:main"]
+    },
     install_requires=[
         "twisted>=24.3",
         "autobahn>=26.10.2",  # enforces the message size limit after decompression
@@ -24,5 +26,5 @@ setup(
         "txpostgres>=1.7",
         "psycopg2-binary>=2.9",  # txpostgres needs psycopg2 but does not declare it
     ],
-    extras_require={"test": ["hypothesis>=6"]},
+    extras_require={"test": ["hypothesis>=6"], "plot": ["matplotlib>=3.6"]},
 )

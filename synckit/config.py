@@ -52,6 +52,7 @@ class Config:
     backend_timeout: int = 5000
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
+    echo_endpoint: bool = False
 
 
 # Parsers: text -> value, raising ValueError with a short reason.
@@ -184,6 +185,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backend_timeout", "SYNCKIT_BACKEND_TIMEOUT", _integer(100), "ms to wait for PostgreSQL or Redis on a client's behalf before giving up with an error"),
     Setting("metrics_port", "SYNCKIT_METRICS_PORT", _integer(0, 65535), "serve /metrics on this port (and not on the main one); unset: on the main port"),
     Setting("metrics_host", "SYNCKIT_METRICS_HOST", _text, "address of the separate /metrics listener"),
+    Setting("echo_endpoint", "SYNCKIT_ECHO_ENDPOINT", _boolean, "serve a plain WebSocket echo at /echo, for benchmarking the WebSocket layer"),
 )  # fmt: skip
 
 _BY_OPTION = {s.option: s for s in SETTINGS}

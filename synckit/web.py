@@ -23,7 +23,7 @@ from synckit.auth import InvalidToken
 from synckit.config import Config
 from synckit.metrics import Metrics
 from synckit.server import SyncServer
-from synckit.websocket import SyncFactory
+from synckit.websocket import SyncFactory, echo_factory
 
 SECURITY_HEADERS = {
     b"Content-Security-Policy": (
@@ -390,6 +390,8 @@ def make_site(server: SyncServer, config: Config) -> Site:
     }
     if config.metrics_port is None:
         routes[b"metrics"] = MetricsPage(server.metrics)
+    if config.echo_endpoint:
+        routes[b"echo"] = WebSocketResource(echo_factory(config))
     if config.test_endpoints:
         routes[b"_test"] = Folder({b"clear": ClearAll(server)})
     return SyncKitSite(Root(routes), config.cors_origin.encode("latin-1"))

@@ -111,6 +111,22 @@ class SyncProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
 
+class EchoProtocol(WebSocketServerProtocol):
+    """``/echo``: each message straight back, for measuring the WebSocket layer alone."""
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sendMessage(payload, isBinary)
+
+
+def echo_factory(config: Config) -> WebSocketServerFactory:
+    factory = WebSocketServerFactory(url=None)
+    factory.protocol = EchoProtocol
+    factory.setProtocolOptions(
+        maxMessagePayloadSize=config.max_frame_size, maxFramePayloadSize=config.max_frame_size, webStatus=False
+    )
+    return factory
+
+
 class SyncFactory(WebSocketServerFactory):
     protocol = SyncProtocol
 

@@ -1,0 +1,172 @@
+"""
+synckit-bench: its arithmetic, its reports, and short runs of every scenario against the real
+service on a real port (and of the command itself, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import replace
+
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SynchronousTestCase
+
+from synckit.bench import report
+from synckit.bench.client import BenchError
+from synckit.bench.scenarios import Options, Pacer, Result, run
+from synckit.bench.stats import Replies, summary
+from tests.services import free_port
+from tests.wsclient import ServiceCase
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+class StatsTests(SynchronousTestCase):
+    def test_summary(self) -> None:
+        """Nearest-rank percentiles, min, max and mean of a known sample."""
+        s = summary([float(i) for i in range(1, 101)])
+        self.assertEqual(
+            (s["count"], s["min"], s["max"], s["mean"], s["p50"], s["p90"], s["p99"]), (100, 1, 100, 50.5, 50, 90, 99)
+        )
+        self.assertIsNone(summary([])["p50"])
+
+    def test_replies(self) -> None:
+        """Replies are matched by sequence number; overtaking, unknown and missing ones are counted."""
+        r = Replies()
+        for seq in range(4):
+            r.sent(seq, 10.0)
+        self.assertTrue(r.received(1, 10.002))
+        self.assertTrue(r.received(0, 10.003))  # overtaken by 1
+        self.assertFalse(r.received(0, 10.004))  # a duplicate
+        self.assertEqual((r.out_of_order, r.unexpected, r.missing), (1, 1, 2))
+        self.assertEqual([round(x, 6) for x in r.latencies_ms], [2.0, 3.0])
+
+    def test_pacer(self) -> None:
+        """fixed: rate a second; burst: whole bursts; ramp: linear up to rate, then rate."""
+        base = Options("throughput", "ws://x/ws", rate=100)
+        self.assertEqual(Pacer(base).due(1.0), 101)
+        self.assertEqual(Pacer(replace(base, pattern="burst", burst_size=50)).due(0.6), 100)
+        ramp = Pacer(replace(base, pattern="ramp", ramp=2.0))
+        self.assertEqual((ramp.due(1.0), ramp.due(2.0), ramp.due(3.0)), (25, 100, 200))
+
+
+class ReportTests(SynchronousTestCase):
+    def report(self, name: str, throughput: int, p50: float) -> dict:
+        import datetime
+
+        moment = datetime.datetime(2026, 11, 23, 4, 15, tzinfo=datetime.timezone.utc)
+        result = Result(latencies_ms=[p50] * 10, sent=throughput, received=throughput, elapsed=1.0, connections=1)
+        return report.build(
+            Options("fanout", "ws://h/ws", token="secret"), result, {"name": name, "version": "1"}, moment, moment,
+            [{"t": 1.0, "cpu_pct": 50.0, "rss_kb": 2048}], 1,
+        )  # fmt: skip
+
+    def test_shape_and_name(self) -> None:
+        r = self.report("SyncKit Server", 1000, 2.0)
+        self.assertEqual(set(r), {"metadata", "client", "config", "throughput", "latency_ms", "errors", "resources"})
+        self.assertEqual(r["metadata"]["started_at"], "2026-11-23T04:15:00.000+00:00")
+        self.assertEqual(r["latency_ms"]["p50"], 2.0)
+        self.assertNotIn("token", r["config"])
+        self.assertEqual(report.file_name(r), "fanout-synckit-server-20261123T041500Z.json")
+
+    def test_compare(self) -> None:
+        table = report.compare(self.report("ours", 2000, 1.0), self.report("theirs", 1000, 4.0))
+        self.assertIn("| throughput msgs/s | 2000.0 | 1000.0 | 2.00x |", table)
+        self.assertIn("| latency p50 ms | 1.0 | 4.0 | 0.25x |", table)
+        self.assertIn("| server RSS MiB (peak) | 2.0 | 2.0 | 1.00x |", table)
+
+
+class ScenarioTests(ServiceCase):
+    async def options(self, scenario: str, **overrides) -> Options:
+        _, port = await self.started(echo_endpoint=True)
+        path = "echo" if scenario == "echo" else "ws"
+        values = dict(duration=0.3, drain=1.0, clients=3, window=2, subscribers=3, messages=20, ramp=0.1, timeout=2.0)
+        values.update(overrides)
+        return Options(scenario, f"ws://127.0.0.1:{port}/{path}", **values)
+
+    async def check(self, scenario: str, **overrides) -> Result:
+        result = await run(reactor, await self.options(scenario, **overrides))
+        self.assertEqual((result.errors, result.missing, result.out_of_order), ([], 0, 0))
+        self.assertGreater(result.received, 0)
+        self.assertEqual(len(result.latencies_ms), result.received)
+        return result
+
+    async def test_roundtrip(self) -> None:
+        result = await self.check("roundtrip")
+        self.assertEqual((result.sent, result.received), (20, 20))
+
+    async def test_roundtrip_ping_in_json(self) -> None:
+        await self.check("roundtrip", ping=True, text=True)
+
+    async def test_burst(self) -> None:
+        result = await self.check("burst", clients=5)
+        self.assertEqual(result.connections, 5)
+
+    async def test_steady(self) -> None:
+        await self.check("steady", clients=4, rate=20.0, duration=0.4)
+
+    async def test_fanout(self) -> None:
+        result = await self.check("fanout", rate=50.0, duration=0.4)
+        self.assertEqual(result.received, result.sent)  # every delta reached every subscriber
+
+    async def test_throughput_paced_in_bursts(self) -> None:
+        await self.check("throughput", rate=40.0, pattern="burst", burst_size=5)
+
+    async def test_echo(self) -> None:
+        await self.check("echo")
+
+    async def test_unreachable(self) -> None:
+        with self.assertRaises(BenchError) as caught:
+            await run(reactor, Options("roundtrip", f"ws://127.0.0.1:{free_port()}/ws"))
+        self.assertIn("cannot connect to ws://127.0.0.1:", str(caught.exception))
+
+    async def test_not_a_synckit_server(self) -> None:
+        """An endpoint that never answers auth (here, the echo) fails clearly, not by hanging."""
+        options = await self.options("roundtrip")
+        with self.assertRaises(BenchError) as caught:
+            await run(reactor, replace(options, url=options.url.replace("/ws", "/echo"), timeout=0.5))
+        self.assertIn("no auth_success", str(caught.exception))
+
+    async def test_echo_is_off_by_default(self) -> None:
+        _, port = await self.started()
+        with self.assertRaises(BenchError):
+            await run(reactor, Options("echo", f"ws://127.0.0.1:{port}/echo", duration=0.1))
+
+
+class CommandTests(ServiceCase):
+    async def bench(self, *args: str) -> tuple[str, str, int]:
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "synckit.bench.cli", *args], env=os.environ, path=ROOT, reactor=reactor
+        )
+        return out.decode(), err.decode(), code
+
+    async def test_report_and_compare(self) -> None:
+        """Two worker processes run the scenario; the report lands in --output-dir; compare reads two."""
+        service, port = await self.started()
+        folder = tempfile.mkdtemp()
+        self.addCleanup(lambda: [os.remove(os.path.join(folder, f)) for f in os.listdir(folder)] and os.rmdir(folder))
+        args = ["throughput", "--url", f"ws://127.0.0.1:{port}/ws", "--clients", "4", "--duration", "0.5",
+                "--drain", "1", "--processes", "2", "--server-pid", str(os.getpid()), "--output-dir", folder]  # fmt: skip
+        out, err, code = await self.bench(*args)
+        self.assertEqual(code, 0, err)
+        [name] = os.listdir(folder)
+        self.assertTrue(name.startswith("throughput-synckit-server-"))
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            written = json.load(f)
+        self.assertEqual((written["client"]["processes"], written["throughput"]["connections"]), (2, 4))
+        self.assertEqual(written["metadata"]["server"]["version"], "0.1.0")
+        self.assertGreater(written["latency_ms"]["count"], 0)
+        self.assertGreater(len(written["resources"]), 0)
+        out, err, code = await self.bench("compare", os.path.join(folder, name), os.path.join(folder, name))
+        self.assertEqual(code, 0, err)
+        self.assertIn("| throughput msgs/s |", out)
+
+    async def test_unreachable_exits_2(self) -> None:
+        out, err, code = await self.bench("roundtrip", "--url", f"ws://127.0.0.1:{free_port()}/ws")
+        self.assertEqual(code, 2)
+        self.assertIn("synckit-bench: cannot connect to", err)
+        self.assertNotIn("Traceback", err)

@@ -186,7 +186,7 @@ class Session:
 
     def _dispatch(self, message: wire.Message, size: int) -> Optional[Deferred]:
         if not self._rate.allow(self.server.clock.seconds()):
-            self.server.metrics.rate_limited.inc()
+            self.server.metrics.rate_limited += 1
             self.error("Too many messages. Please slow down.", {"code": "RATE_LIMIT_EXCEEDED"})
             return None
         # Size before type, as the reference validates.

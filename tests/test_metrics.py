@@ -10,7 +10,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.web.client import Agent, readBody
 
-from synckit.metrics import Metrics
 from tests.helpers import HarnessCase
 from tests.wsclient import ServiceCase
 
@@ -75,14 +74,25 @@ class DomainMetricsTests(HarnessCase):
         self.assertEqual(value(r, "synckit_messages_received_total", type="other"), 2)
 
     def test_reconnects_and_backend_calls(self) -> None:
-        metrics = Metrics()
+        h = self.harness()
+        metrics = h.server.metrics
         metrics.storage_call("save_writes", 0.002)
+        metrics.storage_call("save_writes", 0.2)
         metrics.pubsub_call("publish", 0.001)
         r = metrics.registry
-        self.assertEqual(value(r, "synckit_storage_query_seconds_count", operation="save_writes"), 1)
+        self.assertEqual(value(r, "synckit_storage_query_seconds_count", operation="save_writes"), 2)
+        self.assertEqual(value(r, "synckit_storage_query_seconds_bucket", operation="save_writes", le="0.0025"), 1)
+        self.assertEqual(value(r, "synckit_storage_query_seconds_bucket", operation="save_writes", le="+Inf"), 2)
         self.assertEqual(value(r, "synckit_pubsub_roundtrip_seconds_count", operation="publish"), 1)
-        h = self.harness()
-        self.assertEqual(value(h.server.metrics.registry, "synckit_reconnects_total", backend="memory"), 0)
+        self.assertEqual(value(r, "synckit_reconnects_total", backend="memory"), 0)
+
+    def test_registries_are_per_server(self) -> None:
+        """Two servers in one process count separately."""
+        first, second = self.harness(), self.harness()
+        session, _ = first.connect()
+        first.send(session, "ping")
+        self.assertEqual(value(first.server.metrics.registry, "synckit_messages_received_total", type="ping"), 1)
+        self.assertEqual(value(second.server.metrics.registry, "synckit_messages_received_total", type="ping"), 0)
 
 
 class ScrapeTests(ServiceCase):

@@ -10,6 +10,7 @@ in ../shared/PROTOCOL.md (sections 2-4); the session module says how a message i
 from __future__ import annotations
 
 import pprint
+import struct
 from typing import Any, Optional
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -37,6 +38,20 @@ def client_ip(headers: dict[str, str], peer: str) -> str:
     # Autobahn's peer is "tcp:1.2.3.4:5678" or "tcp6:::1:5678".
     address = peer.partition(":")[2].rpartition(":")[0]
     return address or "unknown"
+
+
+def websocket_frame(payload: bytes, binary: bool) -> bytes:
+    """
+    One unfragmented, unmasked server-to-client frame (RFC 6455 section 5.2): what Autobahn's
+    prepareMessage builds when nothing is compressed, without its per-message object.
+    """
+    opcode = 0x82 if binary else 0x81  # FIN + binary or text
+    n = len(payload)
+    if n < 126:
+        return bytes((opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", opcode, 126, n) + payload
+    return struct.pack("!BBQ", opcode, 127, n) + payload
 
 
 class _Deferred:
@@ -97,7 +112,7 @@ class SyncProtocol(WebSocketServerProtocol):
         if framed is None:
             # The WebSocket frame, built once per frame and encoding (we never negotiate
             # compression, so one framing fits every connection).
-            framed = frame.cache[binary] = self.factory.prepareMessage(frame.encoded(binary), binary).payloadHybi
+            framed = frame.cache[binary] = websocket_frame(frame.encoded(binary), binary)
         if self.send_queue:
             self.sendData(framed)  # keep Autobahn's order behind anything it queued itself
         else:

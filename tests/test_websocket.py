@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import txaio
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from synckit import wire
-from synckit.websocket import SyncFactory, client_ip
+from synckit.websocket import SyncFactory, client_ip, websocket_frame
 from tests.helpers import Harness, binary
 
 
@@ -118,3 +118,15 @@ class ClientAddressTests(SynchronousTestCase):
         self.assertEqual(client_ip({}, "tcp:1.2.3.4:5678"), "1.2.3.4")
         self.assertEqual(client_ip({}, "tcp6:::1:5678"), "::1")
         self.assertEqual(client_ip({}, ""), "unknown")
+
+
+class FramingTests(SynchronousTestCase):
+    def test_frames_match_autobahn(self) -> None:
+        """Our frames are byte for byte what Autobahn prepares, at each length encoding's edges."""
+        factory = WebSocketServerFactory()
+        for size in (0, 125, 126, 65535, 65536, 70000):
+            for binary in (True, False):
+                payload = b"x" * size
+                self.assertEqual(
+                    websocket_frame(payload, binary), factory.prepareMessage(payload, binary).payloadHybi, (size, binary)
+                )

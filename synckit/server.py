@@ -11,6 +11,7 @@ from time import perf_counter
 from typing import Any, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -22,13 +23,17 @@ from synckit.metrics import Metrics
 from synckit.pubsub.interface import IPubSub, PubSubUnavailable
 from synckit.pubsub.watches import Watches
 from synckit.session import Client, Session
-from synckit.storage.interface import FieldWrite, IStorage
+from synckit.storage.interface import FieldWrite, IStorage, StorageUnavailable
 from synckit.sync.awareness import Awareness
 from synckit.sync.broadcast import Broadcaster, deliver
 from synckit.sync.document import TOMBSTONE, Document, Prior, Stamp
 from synckit.sync.registry import DocumentRegistry
 from synckit.tasks import BackgroundTasks
 from synckit.wire import Frame, MessageIds
+
+
+#: seconds between attempts to re-read a document that storage could not serve (a minute in all)
+RESYNC_BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
 
 
 class SyncServer:
@@ -180,7 +185,15 @@ class SyncServer:
             self.tasks.add(Deferred.fromCoroutine(self._resync(doc)), f"resyncing {doc.id}")
 
     async def _resync(self, doc: Document) -> None:
-        stored = await self.storage.load(doc.id)
+        for delay in (*RESYNC_BACKOFF, None):
+            try:
+                stored = await self.storage.load(doc.id)
+                break
+            except StorageUnavailable:
+                if delay is None:
+                    self._log.warn("could not resync {doc}: storage stayed unavailable", doc=doc.id)
+                    return
+                await deferLater(self.clock, delay, lambda: None)
         if stored is not None:
             writes = ((field, stored.fields.get(field, TOMBSTONE), stamp) for field, stamp in stored.stamps.items())
             self._merge(doc, writes, stored.clock)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.pubsub.interface import IPubSub
 from synckit.pubsub.local import LocalBus, LocalPubSub
+from synckit.server import RESYNC_BACKOFF
 from synckit.session import Session
+from synckit.storage.interface import FieldWrite, StorageUnavailable
 from synckit.sync.document import Document
-from tests.helpers import FakeClient, Harness
+from tests.helpers import FakeClient, Harness, HarnessCase
 
 TOMBSTONE = {"__deleted": True}
 
@@ -303,3 +306,60 @@ class AwarenessRelayTests(MultiInstanceTestCase):
         self.a.send(sender, "awareness_update", {"documentId": "d", "clientId": "c1", "state": "here", "clock": 1})
         self.clock.advance(0)
         self.assertEqual([(m["type"], m["state"]) for m in remote_client.take()], [("awareness_update", "here")])
+
+
+class ResyncTests(HarnessCase):
+    """
+    After pub/sub reconnects, cached documents are re-read from storage; a storage outage at
+    that moment delays the resync rather than losing what other instances wrote meanwhile.
+    """
+
+    def setUp(self) -> None:
+        self.h = self.harness()
+        _, self.client = self.h.connect()
+        self.h.send(_, "subscribe", {"id": "s", "documentId": "d"})
+        self.client.take()
+        # What another instance saved while this one missed its publications.
+        self.h.storage.save_writes("d", [FieldWrite("a", 1, "other-conn", 1, 1_700_000_000_000)])
+        self.failures = 0
+        self.loads = 0
+        load = self.h.storage.load
+
+        def failing_load(doc_id: str) -> Deferred:
+            self.loads += 1
+            if self.failures:
+                self.failures -= 1
+                return fail(StorageUnavailable("PostgreSQL is restarting"))
+            return load(doc_id)
+
+        self.h.storage.load = failing_load  # type: ignore[method-assign]
+
+    def test_merges_and_broadcasts_what_storage_holds(self) -> None:
+        """A resync merges the stored write into the cache and tells the subscriber."""
+        self.h.server.resync()
+        self.h.flush()
+        self.assertEqual(cached(self.h, "d").fields, {"a": 1})
+        self.assertEqual([(m["field"], m["value"]) for m in self.client.of_type("delta")], [("a", 1)])
+
+    def test_retries_while_storage_is_unavailable(self) -> None:
+        """Loads that fail are tried again after the backoff delays, and the write still arrives."""
+        self.failures = 2
+        self.h.server.resync()
+        self.h.flush()
+        self.assertEqual((self.loads, self.client.of_type("delta")), (1, []))
+        self.h.clock.advance(RESYNC_BACKOFF[0])
+        self.assertEqual(self.loads, 2)
+        self.h.clock.advance(RESYNC_BACKOFF[1])
+        self.h.flush()
+        self.assertEqual(self.loads, 3)
+        self.assertEqual([(m["field"], m["value"]) for m in self.client.of_type("delta")], [("a", 1)])
+
+    def test_gives_up_after_the_last_delay(self) -> None:
+        """If storage never comes back the resync stops, with a warning, and leaves no timer."""
+        self.failures = len(RESYNC_BACKOFF) + 1
+        self.h.server.resync()
+        for delay in RESYNC_BACKOFF:
+            self.h.clock.advance(delay)
+        self.h.flush()
+        self.assertEqual(self.loads, len(RESYNC_BACKOFF) + 1)
+        self.assertEqual((cached(self.h, "d").fields, self.client.of_type("delta")), ({}, []))

@@ -126,8 +126,8 @@ class _Detector(reconnection.DeadConnectionDetector):
         if self._retrying is not None:
             try:
                 self._retrying.cancel()
-            except psycopg2.OperationalError:
-                pass  # a connection attempt is under way: closing the connection ends it
+            except (psycopg2.OperationalError, txpostgres._CancelInProgress):
+                pass  # txpostgres will not cancel an attempt under way; closing the connection ends it
 
 
 @implementer(IStorage)
@@ -257,8 +257,10 @@ class PostgresStorage:
     async def _call(self, what: str, run: Callable[[], Deferred]) -> Any:
         """
         Run a pooled call, within the timeout, with errors turned into the storage's own.  A
-        connection that is already known dead refuses the call before sending anything, so the
-        call is tried on the others before giving up.
+        connection already known dead refuses the call at once, and one that PostgreSQL closed
+        while it was idle (a restart) fails its next call and reconnects: either way the call
+        is tried on the other connections before giving up.  Every call is safe to repeat (a
+        write whose stamps are stored already changes nothing).
         """
         attempts = len(self._pool.connections) + 1
         for attempt in range(attempts):
@@ -268,11 +270,10 @@ class PostgresStorage:
                 if self._observe is not None:
                     self._observe(what, time.perf_counter() - started)
                 return result
-            except reconnection.ConnectionDead:
-                if attempt + 1 == attempts:
-                    raise StorageUnavailable(f"PostgreSQL at {describe(self._url)} is unavailable") from None
             except _UNAVAILABLE as e:
-                raise StorageUnavailable(f"PostgreSQL at {describe(self._url)} is unavailable: {error_text(e)}") from None
+                if attempt + 1 == attempts:
+                    reason = "" if isinstance(e, reconnection.ConnectionDead) else f": {error_text(e)}"
+                    raise StorageUnavailable(f"PostgreSQL at {describe(self._url)} is unavailable{reason}") from None
             except _REFUSED as e:
                 raise StorageRefused(f"PostgreSQL refused the data: {error_text(e)}") from None
         raise AssertionError("unreachable")

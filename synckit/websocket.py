@@ -2,8 +2,8 @@
 The WebSocket adapter: Autobahn on one side, a L{synckit.session.Session} on the other.
 
 It holds no sync logic.  It works out the client's address at the handshake, opens a session,
-hands it every message, and sends the frames the session gives it, as Autobahn prepared messages
-cached on the frame: a broadcast to a thousand subscribers is framed once.  The wire protocol is
+hands it every message, and sends the frames the session gives it, each framed once and cached on
+the frame: a broadcast to a thousand subscribers is framed once.  The wire protocol is
 in ../shared/PROTOCOL.md (sections 2-4); the session module says how a message is handled.
 """
 
@@ -16,6 +16,7 @@ from typing import Any, Optional
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.xormasker import create_xor_masker
 from twisted.logger import Logger
 
 from synckit.config import Config
@@ -54,6 +55,51 @@ def websocket_frame(payload: bytes, binary: bool) -> bytes:
     return struct.pack("!BBQ", opcode, 127, n) + payload
 
 
+#: payloads up to this many bytes are unmasked by L{SmallFrameMasker}, larger ones by Autobahn
+SMALL_FRAME = 1024
+
+
+class SmallFrameMasker:
+    """
+    Unmasks a small client frame (RFC 6455 section 5.3) as one XOR of two Python integers.
+    Autobahn's native masker allocates three cffi objects per frame, which for the 100-byte
+    messages of a sync session costs more than the XOR (5 us against 1.5 us a frame, about 7% of
+    a busy server's CPU); from about 2 KB on, the native one is faster.  Autobahn's masker
+    interface: the payload may come in several pieces, C{pointer} counts what was processed.
+    """
+
+    __slots__ = ("_mask", "_ptr")
+
+    def __init__(self, mask: bytes) -> None:
+        self._mask = bytes(mask)
+        self._ptr = 0
+
+    def pointer(self) -> int:
+        return self._ptr
+
+    def reset(self) -> None:
+        self._ptr = 0
+
+    def process(self, data: bytes) -> bytes:
+        n = len(data)
+        shift = self._ptr & 3
+        mask = self._mask[shift:] + self._mask[:shift] if shift else self._mask
+        self._ptr += n
+        key = (mask * (n // 4 + 1))[:n]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+def create_masker(mask: bytes, length: Optional[int] = None) -> Any:
+    """Autobahn's masker factory, with small frames going to L{SmallFrameMasker}."""
+    if length is not None and length <= SMALL_FRAME:
+        return SmallFrameMasker(mask)
+    return create_xor_masker(mask, length)
+
+
+# Autobahn looks its masker factory up in its protocol module for every frame; there is no option.
+autobahn_protocol.create_xor_masker = create_masker
+
+
 class _Deferred:
     """A value pretty-printed only if a log message that holds it is ever formatted."""
 
@@ -88,6 +134,13 @@ class SyncProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._session = self.factory.sync_server.open_session(self, self._ip)
+
+    def onMessageEnd(self) -> None:
+        # Autobahn's own also fires a "message" event for observers, through a Deferred and
+        # callbacks made for every message (about 6% of a busy server's CPU); we observe nothing.
+        if not self.failedByMe:
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._session is not None:

@@ -5,17 +5,20 @@ close codes and reply framing, with no sockets and no sleeps.
 
 from __future__ import annotations
 
+import os
+import random
 from typing import Any
 
 import txaio
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory
+from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from synckit import wire
-from synckit.websocket import SyncFactory, client_ip, websocket_frame
+from synckit.websocket import SMALL_FRAME, SyncFactory, client_ip, create_masker, websocket_frame
 from tests.helpers import Harness, binary
 
 
@@ -56,6 +59,14 @@ class AdapterTests(SynchronousTestCase):
         pump.flush()
         [(message, is_binary)] = client.received
         self.assertEqual((message["type"], is_binary), ("pong", True))
+
+    def test_masked_frames_of_any_size(self) -> None:
+        """A client's masked frames, small and large, reach the session intact."""
+        pump, client, _ = self.connect(Harness(clock=self.clock))
+        for size in (10, SMALL_FRAME + 500):
+            client.sendMessage(binary("ping", {"id": "p" * size}), isBinary=True)
+            pump.flush()
+        self.assertEqual([(m["type"], is_binary) for m, is_binary in client.received], [("pong", True)] * 2)
 
     def test_text_frames_switch_to_json(self) -> None:
         """After a text frame, replies are JSON text frames (PROTOCOL.md R-1)."""
@@ -130,3 +141,23 @@ class FramingTests(SynchronousTestCase):
                 self.assertEqual(
                     websocket_frame(payload, binary), factory.prepareMessage(payload, binary).payloadHybi, (size, binary)
                 )
+
+
+class MaskerTests(SynchronousTestCase):
+    def test_unmasks_as_autobahn_does(self) -> None:
+        """
+        Small and large payloads, whole or in pieces cut anywhere, unmask to the same bytes as
+        with Autobahn's own masker, and the pointer counts what was processed.
+        """
+        rng = random.Random(6455)
+        for size in (1, 2, 3, 4, 5, 7, 100, SMALL_FRAME - 1, SMALL_FRAME, SMALL_FRAME + 1, 5000):
+            mask, payload = os.urandom(4), os.urandom(size)
+            cuts = sorted(rng.sample(range(1, size), min(3, size - 1))) if size > 1 else []
+            pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, size])]
+            ours, theirs = create_masker(mask, size), create_xor_masker(mask, size)
+            self.assertEqual(
+                b"".join(ours.process(piece) for piece in pieces), theirs.process(payload), (size, cuts)
+            )
+            self.assertEqual(ours.pointer(), size)
+            ours.reset()
+            self.assertEqual(ours.pointer(), 0)

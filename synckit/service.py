@@ -27,7 +27,7 @@ from synckit.storage.interface import IStorage, StorageUnavailable
 from synckit.storage.schema import SchemaError
 from synckit.storage.memory import MemoryStorage
 from synckit.metrics import Metrics
-from synckit.web import make_site, metrics_site
+from synckit.web import make_listener, metrics_site
 
 #: how long shutdown waits for clients to answer the close handshake.
 CLOSE_GRACE = 2.0
@@ -122,7 +122,7 @@ class SyncKitService(MultiService):
         self.storage = storage
         self.pubsub = pubsub
         self.server = SyncServer(config, reactor, storage, pubsub, metrics)
-        self.site = make_site(self.server, config)
+        self.listener = make_listener(self.server, config)
         self.ports: list[IListeningPort] = []
         self._housekeeping = LoopingCall(self.server.housekeeping)
         self._housekeeping.clock = reactor
@@ -143,7 +143,7 @@ class SyncKitService(MultiService):
         port = self.config.port
         for interface in interfaces(self.config.host):
             try:
-                listening = self._reactor.listenTCP(port, self.site, interface=interface)
+                listening = self._reactor.listenTCP(port, self.listener, interface=interface)
             except Exception:
                 if self.ports and interface == "::1":
                     self._log.warn("no IPv6 loopback: listening on 127.0.0.1 only")

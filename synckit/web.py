@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
@@ -23,6 +24,7 @@ from synckit.auth import InvalidToken
 from synckit.config import Config
 from synckit.metrics import Metrics
 from synckit.server import SyncServer
+from synckit.upgrade import UpgradeRouter
 from synckit.websocket import SyncFactory, echo_factory
 
 SECURITY_HEADERS = {
@@ -374,9 +376,17 @@ class Folder(Resource):
         return json_body(request, {"error": "Not Found"}, 404)
 
 
-def make_site(server: SyncServer, config: Config) -> Site:
-    routes: dict[bytes, Resource] = {
-        b"ws": WebSocketResource(SyncFactory(server, config)),
+def make_listener(server: SyncServer, config: Config) -> UpgradeRouter:
+    """The one port's protocol factory: the site, with WebSocket upgrades taken straight to Autobahn."""
+    websockets: dict[bytes, WebSocketServerFactory] = {b"/ws": SyncFactory(server, config)}
+    if config.echo_endpoint:
+        websockets[b"/echo"] = echo_factory(config)
+    return UpgradeRouter(make_site(server, config, websockets), websockets)
+
+
+def make_site(server: SyncServer, config: Config, websockets: dict[bytes, WebSocketServerFactory]) -> Site:
+    routes: dict[bytes, Resource] = {path[1:]: WebSocketResource(factory) for path, factory in websockets.items()}
+    routes.update({
         b"health": Health(server),
         b"rooms": Rooms(server),
         b"auth": Folder(
@@ -387,11 +397,9 @@ def make_site(server: SyncServer, config: Config) -> Site:
                 b"verify": AuthRoute(server, b"POST", verify),
             }
         ),
-    }
+    })
     if config.metrics_port is None:
         routes[b"metrics"] = MetricsPage(server.metrics)
-    if config.echo_endpoint:
-        routes[b"echo"] = WebSocketResource(echo_factory(config))
     if config.test_endpoints:
         routes[b"_test"] = Folder({b"clear": ClearAll(server)})
     return SyncKitSite(Root(routes), config.cors_origin.encode("latin-1"))

@@ -125,10 +125,16 @@ class ReferenceRowsTests(TestCase):
         self.assertEqual(log, [("set", "a", 1), ("set", "b", 2), ("delete", "b", None)])
 
     async def test_data_postgresql_refuses(self) -> None:
-        """A NUL character, which JSONB cannot hold, is refused as data, not as an outage."""
+        """
+        A NUL character, which JSONB cannot hold, and a 256-character document id, which the
+        protocol allows but the reference schema's VARCHAR(255) does not, are refused as data,
+        not as an outage.
+        """
         storage = await self.start_storage()
         with self.assertRaises(StorageRefused):
             await storage.save_writes("d", [FieldWrite("a", "nul\u0000here", "w1", 1, 1000)])
+        with self.assertRaises(StorageRefused):
+            await storage.save_writes("d" * 256, [FieldWrite("a", 1, "w1", 1, 1000)])
         await storage.save_writes("d", [FieldWrite("a", "fine", "w1", 2, 1001)])
         self.assertEqual((await storage.load("d")).fields, {"a": "fine"})
 

@@ -35,6 +35,11 @@ def cached(h: Harness, doc_id: str) -> Document:
     return doc
 
 
+def deltas(client: FakeClient) -> list[tuple[str, Any]]:
+    """The (field, value) of each delta C{client} received since the last take."""
+    return [(m["field"], m["value"]) for m in client.take() if m["type"] == "delta"]
+
+
 class Endpoint:
     """A LocalPubSub with a receiver that records what it is handed."""
 
@@ -158,9 +163,6 @@ class MultiInstanceTestCase(SynchronousTestCase):
     def fields(self, h: Harness, doc_id: str = "d") -> dict[str, Any]:
         return cached(h, doc_id).fields
 
-    def deltas(self, client: FakeClient) -> list[tuple[str, Any]]:
-        return [(m["field"], m["value"]) for m in client.take() if m["type"] == "delta"]
-
 
 class RelayTests(MultiInstanceTestCase):
     def test_write_reaches_other_instance(self) -> None:
@@ -182,7 +184,7 @@ class RelayTests(MultiInstanceTestCase):
         self.assertEqual([(m["field"], m["value"]) for m in received], [("a", 1), ("b", [2])])
         self.assertEqual(received[0]["clock"], {writer.id: 2, "sdk-a": 5})
         self.assertEqual(cached(self.b, "d").clock, {writer.id: 2, "sdk-a": 5})
-        self.assertEqual(self.deltas(writer_client), [("a", 1), ("b", [2])])
+        self.assertEqual(deltas(writer_client), [("a", 1), ("b", [2])])
 
     def test_delete_reaches_other_instance(self) -> None:
         """A delete on A removes the field on B, and B's subscriber gets the tombstone."""
@@ -194,7 +196,7 @@ class RelayTests(MultiInstanceTestCase):
         self.a.send(writer, "delta", delta("d", {"a": TOMBSTONE}))
         self.clock.advance(0)
         self.assertEqual(self.fields(self.b), {"b": 2})
-        self.assertEqual(self.deltas(remote_client), [("a", TOMBSTONE)])
+        self.assertEqual(deltas(remote_client), [("a", TOMBSTONE)])
 
     def test_not_cached_not_relayed(self) -> None:
         """An instance that does not hold the document is not told about it (storage is the source of truth)."""
@@ -213,8 +215,8 @@ class RelayTests(MultiInstanceTestCase):
         self.clock.advance(0)
         self.assertEqual(self.fields(self.a), {"x": "from B"})
         self.assertEqual(self.fields(self.b), {"x": "from B"})
-        self.assertEqual(self.deltas(client_a)[-1], ("x", "from B"))
-        self.assertEqual(self.deltas(client_b)[-1], ("x", "from B"))
+        self.assertEqual(deltas(client_a)[-1], ("x", "from B"))
+        self.assertEqual(deltas(client_b)[-1], ("x", "from B"))
 
     def test_concurrent_writes_converge(self) -> None:
         """
@@ -230,8 +232,8 @@ class RelayTests(MultiInstanceTestCase):
         self.assertEqual(fields_a, fields_b)
         self.assertIn(fields_a["x"], ("from A", "from B"))
         self.assertEqual((fields_a["only-a"], fields_a["only-b"]), (1, 2))
-        last_a = [v for f, v in self.deltas(client_a) if f == "x"][-1]
-        last_b = [v for f, v in self.deltas(client_b) if f == "x"][-1]
+        last_a = [v for f, v in deltas(client_a) if f == "x"][-1]
+        last_b = [v for f, v in deltas(client_b) if f == "x"][-1]
         self.assertEqual((last_a, last_b), (fields_a["x"], fields_a["x"]))
 
     def test_concurrent_writes_converge_distinct_connection_ids(self) -> None:
@@ -316,8 +318,8 @@ class ResyncTests(HarnessCase):
 
     def setUp(self) -> None:
         self.h = self.harness()
-        _, self.client = self.h.connect()
-        self.h.send(_, "subscribe", {"id": "s", "documentId": "d"})
+        session, self.client = self.h.connect()
+        self.h.send(session, "subscribe", {"id": "s", "documentId": "d"})
         self.client.take()
         # What another instance saved while this one missed its publications.
         self.h.storage.save_writes("d", [FieldWrite("a", 1, "other-conn", 1, 1_700_000_000_000)])
@@ -339,20 +341,20 @@ class ResyncTests(HarnessCase):
         self.h.server.resync()
         self.h.flush()
         self.assertEqual(cached(self.h, "d").fields, {"a": 1})
-        self.assertEqual([(m["field"], m["value"]) for m in self.client.of_type("delta")], [("a", 1)])
+        self.assertEqual(deltas(self.client), [("a", 1)])
 
     def test_retries_while_storage_is_unavailable(self) -> None:
         """Loads that fail are tried again after the backoff delays, and the write still arrives."""
         self.failures = 2
         self.h.server.resync()
         self.h.flush()
-        self.assertEqual((self.loads, self.client.of_type("delta")), (1, []))
+        self.assertEqual((self.loads, deltas(self.client)), (1, []))
         self.h.clock.advance(RESYNC_BACKOFF[0])
         self.assertEqual(self.loads, 2)
         self.h.clock.advance(RESYNC_BACKOFF[1])
         self.h.flush()
         self.assertEqual(self.loads, 3)
-        self.assertEqual([(m["field"], m["value"]) for m in self.client.of_type("delta")], [("a", 1)])
+        self.assertEqual(deltas(self.client), [("a", 1)])
 
     def test_gives_up_after_the_last_delay(self) -> None:
         """If storage never comes back the resync stops, with a warning, and leaves no timer."""
@@ -362,4 +364,4 @@ class ResyncTests(HarnessCase):
             self.h.clock.advance(delay)
         self.h.flush()
         self.assertEqual(self.loads, len(RESYNC_BACKOFF) + 1)
-        self.assertEqual((cached(self.h, "d").fields, self.client.of_type("delta")), ({}, []))
+        self.assertEqual((cached(self.h, "d").fields, deltas(self.client)), ({}, []))

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from txpostgres import txpostgres
@@ -183,3 +184,20 @@ class OutageTests(TestCase):
         finally:
             self.server.signal_all(signal.SIGCONT)
         await eventually(storage.ping)
+
+    async def test_stop_while_connecting(self) -> None:
+        """
+        Stopping while connection attempts wait on a server that accepted but never answered
+        unwatches their sockets before closing them: the reactor is left with none of them, and
+        with no stale descriptor to trip over later (an epoll reactor raises EBADF there).
+        """
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        storage = PostgresStorage(reactor, f"postgresql://u@127.0.0.1:{silent.getHost().port}/db", pool_size=2, timeout=0.5)
+        starting = storage.start()
+        await deferLater(reactor, 0.1, lambda: None)
+        await storage.stop()
+        with self.assertRaises(StorageUnavailable):
+            await starting
+        watched = [s for s in reactor.getReaders() + reactor.getWriters() if isinstance(s, txpostgres.Connection)]
+        self.assertEqual(watched, [])

@@ -95,6 +95,17 @@ class _Connection(txpostgres.Connection):
     def cursorFinished(self, cursor: Any) -> None:
         self._cursors.remove(cursor)
 
+    def close(self) -> None:
+        """
+        Unwatch the socket, then close it (txpostgres' order), also when a connection attempt is
+        still polling it.  Never the other way round: a socket closed while the reactor watches
+        it leaves the epoll reactor's bookkeeping stale, and later, unrelated connections that
+        get the same descriptor fail.  A connection that never got as far as a socket has
+        nothing to close.
+        """
+        if self._connection is not None:
+            super().close()
+
 
 class _Detector(reconnection.DeadConnectionDetector):
     """txpostgres' detector, with a handle on its reconnection loop so that stopping can end it."""
@@ -217,10 +228,6 @@ class PostgresStorage:
                 await self._within(connection.lock.acquire(), "the last query before closing")
             except StorageUnavailable:
                 self._log.warn("closing a PostgreSQL connection with a query still running")
-            # Close the socket first: after a reconnection txpostgres may have it registered with
-            # the reactor under an older descriptor, and a closed one is looked up by identity.
-            if connection._connection is not None and not connection._connection.closed:
-                connection._connection.close()
             connection.close()
         # txpostgres reports outcomes one reactor turn late (callLater(0)): let them land.
         await deferLater(self._reactor, 0, lambda: None)

@@ -29,6 +29,11 @@ async def connection(url: str) -> txpostgres.Connection:
     return conn
 
 
+def watched_connections() -> list[txpostgres.Connection]:
+    """The PostgreSQL connections the reactor still watches: none once a storage has stopped."""
+    return [s for s in reactor.getReaders() + reactor.getWriters() if isinstance(s, txpostgres.Connection)]
+
+
 async def eventually(check: Callable[[], Awaitable[Any]], within: float = 15.0) -> Any:
     """C{check}'s result once it stops raising, polling every 0.1 s up to C{within} seconds."""
     deadline = time.monotonic() + within
@@ -199,5 +204,20 @@ class OutageTests(TestCase):
         await storage.stop()
         with self.assertRaises(StorageUnavailable):
             await starting
-        watched = [s for s in reactor.getReaders() + reactor.getWriters() if isinstance(s, txpostgres.Connection)]
-        self.assertEqual(watched, [])
+        self.assertEqual(watched_connections(), [])
+
+    async def test_stop_while_reconnecting(self) -> None:
+        """
+        A stop that lands on a reconnection attempt under way (PostgreSQL gone, and its port
+        taken by a server that accepts and never answers) ends the attempt instead of failing:
+        txpostgres cannot cancel it, so closing the connection is what ends it.
+        """
+        storage = await self.start_storage()
+        self.server.kill()
+        silent = reactor.listenTCP(self.server.port, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        with self.assertRaises(StorageUnavailable):
+            await storage.ping()
+        await deferLater(reactor, 0.1, lambda: None)
+        await storage.stop()
+        self.assertEqual(watched_connections(), [])

@@ -11,8 +11,8 @@ from time import perf_counter
 from typing import Any, Iterable, Optional, Sequence
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from synckit.auth import ADMIN, ADMIN_CLAIM, EVERYONE, EVERYONE_CLAIM, Identity, Tokens

@@ -136,10 +136,12 @@ class FramingTests(SynchronousTestCase):
         """Our frames are byte for byte what Autobahn prepares, at each length encoding's edges."""
         factory = WebSocketServerFactory()
         for size in (0, 125, 126, 65535, 65536, 70000):
-            for binary in (True, False):
+            for is_binary in (True, False):
                 payload = b"x" * size
                 self.assertEqual(
-                    websocket_frame(payload, binary), factory.prepareMessage(payload, binary).payloadHybi, (size, binary)
+                    websocket_frame(payload, is_binary),
+                    factory.prepareMessage(payload, is_binary).payloadHybi,
+                    (size, is_binary),
                 )
 
 

@@ -42,6 +42,7 @@ class Config:
     cors_origin: str = "*"
     document_cache_size: int = 1000
     awareness_timeout: int = 30_000
+    legacy_field_deltas: bool = True
     demo_allow_list: bool = False
     test_endpoints: bool = False
     database: Optional[str] = None
@@ -174,7 +175,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_frame_size", "SYNCKIT_MAX_FRAME_SIZE", _integer(1024), "largest WebSocket message accepted, in bytes; larger ones close the connection (1009)"),
     Setting("cors_origin", "CORS_ORIGIN", _text, "allowed CORS origin for HTTP routes, or *"),
     Setting("document_cache_size", "SYNCKIT_DOCUMENT_CACHE_SIZE", _integer(1), "documents kept in memory; idle ones beyond this are reloaded from storage when used"),
-    Setting("awareness_timeout", "SYNCKIT_AWARENESS_TIMEOUT", _integer(1000), "ms after which a client's silent presence state expires"),
+    Setting("awareness_timeout", "SYNCKIT_AWARENESS_TIMEOUT", _integer(1000), "ms after which presence from another instance that stopped refreshing it expires"),
+    Setting("legacy_field_deltas", "SYNCKIT_LEGACY_FIELD_DELTAS", _boolean, "after answering 'subscribe', also send the document's fields as 'delta' messages, which SDK 0.1.x needs to show them"),
     Setting("demo_allow_list", "SYNCKIT_DEMO_ALLOW_LIST", _boolean, "restrict 'subscribe' to the reference demo's document ids (playground*, wordwall*, room:*, page ids)"),
     Setting("test_endpoints", "SYNCKIT_TEST_ENDPOINTS", _boolean, "serve POST /_test/clear, which deletes every document (test suites only)"),
     Setting("database", "DATABASE_URL", _url("postgresql", "postgres"), "PostgreSQL URL, e.g. postgresql://synckit:PASSWORD@db.example:5432/synckit; unset: documents live in memory only"),

@@ -1,22 +1,27 @@
 """
-What each client message type does (PROTOCOL.md section 4).
+What each client message type does.
 
 A handler takes the session and the decoded message.  It is a plain function when it never
 waits, and a coroutine function when it may wait on storage; either way it raises
-L{synckit.session.Reject} for the protocol's expected errors.  L{HANDLERS} is also the allow-list
-of client-sendable types (section 3.2): anything not in it is refused before a handler runs.
+L{synckit.session.Reject} for the protocol's expected errors.  Handlers validate and authorize;
+what a write does to documents is the engine's (L{synckit.sync.engine}), one call per message.
+L{HANDLERS} is also the allow-list of client-sendable types: anything not in it is refused
+before a handler runs.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Callable, Coroutine, NamedTuple, Optional
+from typing import Any, Optional
 
 from synckit.auth import EVERYONE, EVERYONE_CLAIM, Identity, InvalidToken
-from synckit.session import Reject, Session
-from synckit.storage.interface import FieldWrite
-from synckit.sync.document import TOMBSTONE, Document, Prior
-from synckit.wire import Frame, Message
+from synckit.session import Handler, Reject, Session
+from synckit.sync.broadcast import field_delta
+from synckit.sync.document import TOMBSTONE, Document
+from synckit.sync.engine import Changes
+from synckit.sync.fugue import FugueText, TextStateError
+from synckit.wire import Message
 
 _DOCUMENT_ID = re.compile(r"[a-zA-Z0-9_:-]+")
 _PAGE_ID = re.compile(r"^\d{13,}")
@@ -35,7 +40,7 @@ def document_id(message: Message) -> str:
 
 
 def demo_allowed(doc_id: str) -> bool:
-    """The reference demo's allow-list for ``subscribe`` (section 4.2 step 3), when switched on."""
+    """The reference demo's allow-list for ``subscribe``, when switched on."""
     return (
         doc_id == "playground"
         or doc_id.startswith("playground:")
@@ -106,9 +111,13 @@ def _auth_failed(session: Session) -> None:
 
 
 def _sync_response(request: Message, doc: Document) -> dict[str, Any]:
-    # The clock is sent with sync_request answers too (R-2): the SDK needs a non-empty clock
-    # whenever the state is non-empty.
-    return {"requestId": request["id"], "documentId": doc.id, "state": doc.fields, "deltas": [], "clock": doc.clock}
+    # The clock is sent with every answer: the SDK needs a non-empty clock whenever the state is
+    # non-empty.  The text goes with it too, so that a client that syncs rather than
+    # subscribes gets it.
+    body = {"requestId": request["id"], "documentId": doc.id, "state": doc.fields, "deltas": [], "clock": doc.clock}
+    if doc.text is not None:
+        body["textState"], body["textClock"] = doc.text.state.to_json(), doc.text.clock
+    return body
 
 
 async def on_subscribe(session: Session, message: Message) -> None:
@@ -117,20 +126,31 @@ async def on_subscribe(session: Session, message: Message) -> None:
     if session.server.config.demo_allow_list and not demo_allowed(doc_id):
         raise Reject("Access denied to this document")
     _permitted(identity.permissions.readable(doc_id), doc_id)
-    doc = await session.server.registry.open(doc_id)
+    doc = await session.server.engine.open(doc_id)
     session.subscribe(doc_id)
-    body = _sync_response(message, doc)
-    if doc.text is not None:
-        body["textState"], body["textClock"] = doc.text
-    session.reply("sync_response", body)
+    session.reply("sync_response", _sync_response(message, doc))
+    if session.server.config.legacy_field_deltas:
+        _send_fields(session, doc)
+
+
+def _send_fields(session: Session, doc: Document) -> None:
+    """
+    Each field again as a ``delta`` message, as broadcasts carry them: SDK 0.1.x ignores the
+    ``state`` of ``sync_response`` and shows a late joiner only what comes as deltas.
+    """
+    server = session.server
+    now = server.now_ms()
+    for name in list(doc.fields):
+        session.send(field_delta(doc, name, server.ids, now))
+    server.metrics.sent.inc("delta", len(doc.fields))
 
 
 async def on_sync_request(session: Session, message: Message) -> None:
+    # The client's vectorClock is not merged into the document: a reader must not change it,
+    # and a writer's clock arrives with its writes.
     doc_id = readable_document(session, message)
-    doc = await session.server.registry.open(doc_id)
+    doc = await session.server.engine.open(doc_id)
     session.subscribe(doc_id)
-    if message.get("vectorClock"):
-        doc.merge_clock(message["vectorClock"])
     session.reply("sync_response", _sync_response(message, doc))
 
 
@@ -148,16 +168,21 @@ def on_sync_step1(session: Session, message: Message) -> None:
 # Writing
 
 
-async def _open_for_writing(session: Session, doc_id: str) -> Document:
-    doc = await session.server.registry.open(doc_id)
+def _subscribe_writer(session: Session, doc_id: str) -> None:
     # Writers are subscribed, as in the reference, unless they may not read the document.
     if session.require_auth().permissions.readable(doc_id):
         session.subscribe(doc_id)
-    return doc
 
 
 def _acknowledge(session: Session, message: Message) -> None:
     session.reply("ack", {"messageId": message.get("messageId") or message.get("id")})
+
+
+def _timestamp(value: Any) -> Optional[int]:
+    """A client-supplied time (ms) if it is a finite number, else C{None}: it is shown to others."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value)
+    return None
 
 
 async def on_delta(session: Session, message: Message) -> None:
@@ -167,22 +192,19 @@ async def on_delta(session: Session, message: Message) -> None:
     if not isinstance(changes, dict) or not changes:
         raise Reject("Invalid delta message: missing or empty delta")
     doc_id = writable_document(session, message)
-    doc = await _open_for_writing(session, doc_id)
-    server = session.server
-    now = server.now_ms()
-    priors: list[Prior] = []
-    writes = [_write(doc, session, name, value, now, priors) for name, value in changes.items()]
-    doc.merge_clock(message.get("vectorClock") or message.get("clock"))
-    doc.last_modified = message.get("timestamp")
-    await server.commit(doc, writes, priors, session.received_at)
+    change = Changes(fields=list(changes.items()), last_modified=_timestamp(message.get("timestamp")))
+    change.clocks.append(message.get("vectorClock") or message.get("clock"))
+    _subscribe_writer(session, doc_id)
+    await session.server.engine.write(session, {doc_id: change}, session.received_at)
     _acknowledge(session, message)
 
 
-def _write(doc: Document, session: Session, field: str, value: Any, now: int, priors: list[Prior]) -> FieldWrite:
-    """Apply one field write to the cached document, noting in C{priors} how to take it back."""
-    priors.append(doc.prior(field))
-    authoritative, stamp = doc.write(field, value, session.id, now)
-    return FieldWrite(field, authoritative, session.id, stamp[1], stamp[0])
+#: ops relayed without being applied here: type -> the operations each may carry
+_RELAYED = {
+    "counter": frozenset({"increment", "decrement"}),
+    "set": frozenset({"add", "remove", "clear"}),
+    "richtext": frozenset({"format", "unformat"}),
+}
 
 
 async def on_delta_batch(session: Session, message: Message) -> None:
@@ -190,51 +212,65 @@ async def on_delta_batch(session: Session, message: Message) -> None:
     if not isinstance(ops, list) or not ops:
         raise Reject("Invalid delta batch: missing or empty deltas array")
     doc_id = writable_document(session, message)
-    doc = await _open_for_writing(session, doc_id)
-    server = session.server
-    now = server.now_ms()
-    writes: list[FieldWrite] = []
-    priors: list[Prior] = []
-    text_ops: list[dict[str, Any]] = []
-    for op in ops:
+    now = session.server.now_ms()
+    changes: dict[str, Changes] = {doc_id: Changes(last_modified=_timestamp(message.get("timestamp")))}
+    for index, op in enumerate(ops):
         if not isinstance(op, dict):
-            continue
-        kind = op.get("type")
-        if kind in ("text-state", "text"):
-            if kind == "text-state":
-                if not op.get("state"):
-                    continue
-                # No Fugue merge here: the incoming state replaces the stored one, as the
-                # reference does when its WASM core is absent (section 6.10).
-                doc.text = (op["state"], op.get("timestamp") or now)
-                await server.storage.save_text(doc_id, *doc.text)
-            text_ops.append({**op, "clientId": op.get("clientId") or session.id})
-        elif op.get("field") is not None:
-            value = TOMBSTONE if kind == "delete" else op.get("value")  # R-4
-            writes.append(_write(doc, session, str(op["field"]), value, now, priors))
-            if op.get("clock"):
-                doc.merge_clock(op["clock"])
-    doc.last_modified = message.get("timestamp")
-    if writes:
-        await server.commit(doc, writes, priors, session.received_at)
-    if text_ops:
-        # Text operations go out at once, to everyone but the sender (section 4.8 step 6).
-        frame = Frame(
-            "delta_batch",
-            now,
-            {"id": server.ids(now), "documentId": doc_id, "deltas": text_ops, "isTextOperation": True},
-        )
-        server.deliver(frame, server.registry.subscribers(doc_id), exclude=session)
+            raise _unsupported(doc_id, index, "an operation that is not an object")
+        target = doc_id
+        if op.get("documentId") not in (None, doc_id):
+            # An op names its own document: it is written there, if the writer may.
+            target = writable_document(session, op)
+        change = changes.get(target) or changes.setdefault(target, Changes())
+        _add_op(change, op, index, target, now)
+    for target in changes:
+        _subscribe_writer(session, target)
+    await session.server.engine.write(session, changes, session.received_at)
     _acknowledge(session, message)
+
+
+def _add_op(change: Changes, op: dict[str, Any], index: int, doc_id: str, now: int) -> None:
+    """Validate one op of a ``delta_batch`` and add it to what the message writes to C{doc_id}."""
+    kind = op.get("type")
+    if kind == "text-state":
+        state = op.get("state")
+        if not isinstance(state, str) or not state:
+            raise _unsupported(doc_id, index, "a text-state operation without a state")
+        try:
+            parsed = FugueText.parse(state)
+        except TextStateError as e:
+            raise Reject(
+                f"Invalid text state: {e}", {"documentId": doc_id, "index": index, "code": "INVALID_MESSAGE"}
+            ) from None
+        change.add_text(parsed, _timestamp(op.get("timestamp")) or now)
+        change.text_ops.append(op)
+    elif kind == "text":
+        change.text_ops.append(op)  # the SDK's deprecated position-based op: relayed, not stored
+    elif op.get("field") is not None:
+        change.fields.append((str(op["field"]), TOMBSTONE if kind == "delete" else op.get("value")))
+    elif isinstance(kind, str) and op.get("operation") in _RELAYED.get(kind, ()):
+        change.ops.append((kind, op["operation"], op))
+    else:
+        what = f"type {kind!r}" + (f", operation {op.get('operation')!r}" if "operation" in op else "")
+        raise _unsupported(doc_id, index, f"an operation of {what}")
+    if op.get("clock"):
+        change.clocks.append(op["clock"])
+
+
+def _unsupported(doc_id: str, index: int, what: str) -> Reject:
+    return Reject(
+        f"Unsupported operation at deltas[{index}]: {what}",
+        {"documentId": doc_id, "index": index, "code": "INVALID_MESSAGE"},
+    )
 
 
 # Presence
 
 
 def on_awareness_subscribe(session: Session, message: Message) -> None:
-    # Unlike the reference, presence is only for those who may read the document (R-6).
+    # Unlike the reference, presence is only for those who may read the document.
     doc_id = readable_document(session, message)
-    states = session.server.subscribe_awareness(session, doc_id)
+    states = session.server.engine.subscribe_awareness(session, doc_id)
     session.reply("awareness_state", {"documentId": doc_id, "states": states})
 
 
@@ -243,17 +279,11 @@ def on_awareness_update(session: Session, message: Message) -> None:
     client_id = message.get("clientId")
     if not isinstance(client_id, str) or not client_id:
         raise Reject("Failed to update awareness")
-    session.server.update_awareness(doc_id, client_id, message.get("state"), message.get("clock"))
+    session.server.engine.update_awareness(session, doc_id, client_id, message.get("state"), message.get("clock"))
 
 
 def ignore(session: Session, message: Message) -> None:
     """Allowed and deliberately unanswered: client acks, pongs, connect, snapshot requests."""
-
-
-class Handler(NamedTuple):
-    function: Callable[[Session, Message], Optional[Coroutine[Any, Any, None]]]
-    #: the error sent when the handler fails unexpectedly, and whether it names the document.
-    failure: tuple[str, bool]
 
 
 _INTERNAL = ("Internal server error", False)

@@ -13,7 +13,7 @@ families when ``/metrics`` is scraped, together with what is read from the serve
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -21,11 +21,11 @@ from prometheus_client.registry import Collector
 
 from synckit.wire import TYPE_CODES
 
-if TYPE_CHECKING:
-    from synckit.server import SyncServer
-
 #: Error codes the server sends in ``error.details.code``; anything else counts as "other".
 ERROR_CODES = ("AUTH_REQUIRED", "INVALID_MESSAGE", "RATE_LIMIT_EXCEEDED", "STORAGE_UNAVAILABLE")
+
+#: Kinds of operations relayed without being applied on the server.
+OPERATION_KINDS = ("counter", "set", "richtext", "text")
 
 _LATENCY = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _FANOUT = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000)
@@ -95,6 +95,10 @@ class Metrics:
             "synckit_messages_sent", "Messages sent to clients (a broadcast counts once per recipient), by type", "type", types
         )
         self.errors = Counts("synckit_errors", "error messages sent to clients, by details.code", "code", ERROR_CODES)
+        self.operations = Counts(
+            "synckit_operations_relayed", "Counter, set, rich-text and legacy text operations relayed, by kind", "kind",
+            OPERATION_KINDS,
+        )  # fmt: skip
         self.rate_limited = 0
         self.handling = Histogram(_LATENCY)
         self.broadcast_delay = Histogram(_LATENCY)
@@ -109,9 +113,20 @@ class Metrics:
     def pubsub_call(self, operation: str, seconds: float) -> None:
         self.pubsub_seconds.observe(operation, seconds)
 
-    def watch(self, server: "SyncServer") -> None:
-        """Export these metrics and C{server}'s state at each scrape."""
-        self.registry.register(_Export(self, server))
+    def watch(self, state: Callable[[], "State"]) -> None:
+        """Export these metrics, and what C{state} reads off the server, at each scrape."""
+        self.registry.register(_Export(self, state))
+
+
+class State(NamedTuple):
+    """The server's state as a scrape reports it."""
+
+    connections: int
+    authenticated: int
+    documents: int
+    subscriptions: int
+    #: backend name -> reconnections so far
+    reconnects: dict[str, int]
 
 
 _HISTOGRAMS = (
@@ -126,30 +141,27 @@ _BY_OPERATION = (
 
 
 class _Export(Collector):
-    def __init__(self, metrics: Metrics, server: "SyncServer") -> None:
+    def __init__(self, metrics: Metrics, state: Callable[[], State]) -> None:
         self._metrics = metrics
-        self._server = server
+        self._state = state
 
     def collect(self) -> Iterator[Any]:
-        m, server = self._metrics, self._server
-        sessions = server.sessions
-        yield GaugeMetricFamily("synckit_connections", "Open WebSocket connections", value=len(sessions))
+        m, state = self._metrics, self._state()
+        yield GaugeMetricFamily("synckit_connections", "Open WebSocket connections", value=state.connections)
         yield GaugeMetricFamily(
-            "synckit_authenticated_sessions", "Open connections that have authenticated",
-            value=sum(1 for s in sessions if s.authenticated),
-        )  # fmt: skip
-        yield GaugeMetricFamily("synckit_documents_cached", "Documents held in memory", value=len(server.registry))
+            "synckit_authenticated_sessions", "Open connections that have authenticated", value=state.authenticated
+        )
+        yield GaugeMetricFamily("synckit_documents_cached", "Documents held in memory", value=state.documents)
         yield GaugeMetricFamily(
-            "synckit_subscribers", "Document subscriptions of open connections",
-            value=sum(len(s.subscriptions) for s in sessions),
-        )  # fmt: skip
+            "synckit_subscribers", "Document subscriptions of open connections", value=state.subscriptions
+        )
         reconnects = CounterMetricFamily(
             "synckit_reconnects", "Connections to PostgreSQL or Redis re-established after a loss", labels=["backend"]
         )
-        for backend in (server.storage, server.pubsub):
-            reconnects.add_metric([backend.name], getattr(backend, "reconnects", 0))
+        for backend, count in state.reconnects.items():
+            reconnects.add_metric([backend], count)
         yield reconnects
-        for counts in (m.received, m.sent, m.errors):
+        for counts in (m.received, m.sent, m.errors, m.operations):
             yield counts.family()
         yield CounterMetricFamily(
             "synckit_rate_limited", "Messages refused by the per-connection rate limit", value=m.rate_limited

@@ -31,7 +31,16 @@ from synckit.web import make_listener, metrics_site
 
 #: how long shutdown waits for clients to answer the close handshake.
 CLOSE_GRACE = 2.0
+#: the longest pause between housekeeping rounds (chunk expiry, presence refresh and expiry).
 HOUSEKEEPING_INTERVAL = 30.0
+
+
+def housekeeping_interval(config: Config) -> float:
+    """
+    Seconds between housekeeping rounds: often enough that presence is refreshed on the other
+    instances well within the presence timeout, however short it is set.
+    """
+    return min(HOUSEKEEPING_INTERVAL, config.awareness_timeout / 4000)
 
 
 def interfaces(host: str) -> list[str]:
@@ -139,7 +148,7 @@ class SyncKitService(MultiService):
 
     async def _start(self) -> None:
         await self.storage.start()
-        await self.pubsub.start(self.server.receive_remote, self.server.resync)
+        await self.pubsub.start(self.server.engine.receive_remote, self.server.engine.resync)
         port = self.config.port
         for interface in interfaces(self.config.host):
             try:
@@ -160,13 +169,13 @@ class SyncKitService(MultiService):
                 auth=self.config.auth_required,
             )
         if self.config.metrics_port is not None:
-            site = metrics_site(self.server.metrics)
+            site = metrics_site(self.server.metrics, self.server)
             listening = self._reactor.listenTCP(self.config.metrics_port, site, interface=self.config.metrics_host)
             self.ports.append(listening)
             self._log.info(
                 "metrics on {interface} port {port}", interface=self.config.metrics_host, port=listening.getHost().port
             )
-        self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
+        self._housekeeping.start(housekeeping_interval(self.config), now=False)
 
     def _fatal(self, failure: Failure) -> None:
         if failure.check(StorageUnavailable, SchemaError, PubSubUnavailable):

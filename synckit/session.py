@@ -15,21 +15,23 @@ them, and unexpected exceptions, into ``error`` frames.
 from __future__ import annotations
 
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import Any, Callable, Coroutine, Mapping, NamedTuple, Optional, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from synckit import wire
-from synckit.auth import Identity
-from synckit.chunks import ChunkAssembler, ChunkError
-from synckit.limits import RateLimiter
-from synckit.storage.interface import StorageRefused, StorageUnavailable
-from synckit.tasks import run_now
+from twisted.internet.interfaces import IReactorTime
 
-if TYPE_CHECKING:
-    from synckit.server import SyncServer
+from synckit import wire
+from synckit.auth import Identity, Tokens
+from synckit.chunks import ChunkAssembler, ChunkError
+from synckit.config import Config
+from synckit.limits import RateLimiter
+from synckit.metrics import Metrics
+from synckit.storage.interface import StorageRefused, StorageUnavailable
+from synckit.sync.engine import SyncEngine
+from synckit.tasks import BackgroundTasks, run_now
 
 
 class Client(Protocol):
@@ -38,6 +40,33 @@ class Client(Protocol):
     def send_frame(self, frame: wire.Frame, binary: bool) -> None: ...
 
     def close(self, code: int, reason: str) -> None: ...
+
+
+class Handler(NamedTuple):
+    """What a client message type does: see L{synckit.handlers}."""
+
+    function: Callable[["Session", wire.Message], Optional[Coroutine[Any, Any, None]]]
+    #: the error sent when the handler fails unexpectedly, and whether it names the document.
+    failure: tuple[str, bool]
+
+
+class Host(Protocol):
+    """What sessions and their handlers use of the server that holds them."""
+
+    config: Config
+    clock: IReactorTime
+    metrics: Metrics
+    ids: wire.MessageIds
+    tasks: BackgroundTasks
+    tokens: Tokens
+    engine: SyncEngine
+    handlers: Mapping[str, Handler]
+
+    def now_ms(self) -> int: ...
+
+    def api_key_identity(self, key: Any) -> Optional[Identity]: ...
+
+    def session_closed(self, session: "Session") -> None: ...
 
 
 class Reject(Exception):
@@ -57,7 +86,7 @@ class Session:
         "subscriptions", "awareness", "chunks", "received_at", "_rate", "_queue", "_busy", "_open", "__weakref__",
     )  # fmt: skip
 
-    def __init__(self, server: "SyncServer", client: Client, session_id: str, ip: str) -> None:
+    def __init__(self, server: Host, client: Client, session_id: str, ip: str) -> None:
         self.server = server
         self.client = client
         self.id = session_id
@@ -95,14 +124,11 @@ class Session:
     def subscribe(self, doc_id: str) -> None:
         # A handler that waited on storage may finish after the connection closed: a closed
         # session must not become a subscriber again, or it would never be removed.
-        if not self._open:
-            return
-        self.subscriptions.add(doc_id)
-        self.server.registry.subscribe(doc_id, self)
+        if self._open:
+            self.server.engine.subscribe(doc_id, self)
 
     def unsubscribe(self, doc_id: str) -> None:
-        self.subscriptions.discard(doc_id)
-        self.server.registry.unsubscribe(doc_id, self)
+        self.server.engine.unsubscribe(doc_id, self)
 
     # Output
 

@@ -167,7 +167,7 @@ class Rooms(JsonResource):
         self._server = server
 
     def render_GET(self, request: Request) -> bytes:
-        registry = self._server.registry
+        registry = self._server.engine.registry
 
         def room(doc_id: str, name: str) -> dict[str, Any]:
             doc = registry.peek(doc_id)
@@ -339,7 +339,7 @@ class ClearAll(JsonResource):
         self._server = server
 
     def render_POST(self, request: Request) -> Any:
-        d = Deferred.fromCoroutine(self._server.clear())
+        d = Deferred.fromCoroutine(self._server.engine.clear())
         d.addCallbacks(lambda _: finish_json(request, {"cleared": True}), self._failed, errbackArgs=(request,))
         return NOT_DONE_YET
 

@@ -44,6 +44,16 @@ def text(kind: str, **fields: Any) -> bytes:
     return json.dumps(message).encode("utf-8")
 
 
+def text_state(client: str, text: str, clock: int = 0) -> str:
+    """
+    The text state a SyncText client sends after typing C{text} into an empty document, as
+    SyncKit's core writes it (one block; C{clock}: the client's clock before typing).
+    """
+    key = {"client_id": client, "clock": clock + len(text), "offset": 0}
+    block = {"id": key, "text": text, "left_origin": None, "right_origin": None, "deleted": False}
+    return json.dumps({"blocks": [[key, block]], "clock": {"value": clock + len(text)}, "client_id": client})
+
+
 class FakeClient:
     """Stands in for the WebSocket: records what the session sends, decoded as a client would."""
 
@@ -84,7 +94,7 @@ class Harness:
         self.storage = MemoryStorage()
         self.pubsub = LocalPubSub(bus or LocalBus(self.clock))
         self.server = SyncServer(config(**overrides), self.clock, self.storage, self.pubsub)
-        self.pubsub.start(self.server.receive_remote, self.server.resync)
+        self.pubsub.start(self.server.engine.receive_remote, self.server.engine.resync)
 
     def connect(self, ip: str = "127.0.0.1") -> tuple[Session, FakeClient]:
         client = FakeClient()

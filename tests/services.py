@@ -92,11 +92,25 @@ class _Server:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+            _wait_for_group_exit(self.process.pid)
         self.process = None
 
     def destroy(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _wait_for_group_exit(pgid: int) -> None:
+    """
+    Wait until every process of the group is gone: a killed server's children (PostgreSQL's
+    backends) can otherwise still answer a query on a connection that is already open.
+    """
+    for _ in range(1000):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.005)
 
 
 def _binary(name: str, patterns: list[str]) -> Optional[str]:

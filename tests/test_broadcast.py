@@ -30,7 +30,7 @@ def broadcasts(client: FakeClient) -> list[tuple[str, Any]]:
 
 def cached(h: Harness, doc_id: str) -> Document:
     """The document C{h}'s server holds in its cache, which must be there."""
-    doc = h.server.registry.peek(doc_id)
+    doc = h.server.engine.registry.peek(doc_id)
     if doc is None:
         raise AssertionError(f"{doc_id} is not cached")
     return doc
@@ -236,7 +236,7 @@ class RecipientTests(BroadcastTestCase):
         h = self.harness()
         writer, client = self.subscriber(h)
         h.send(writer, "delta", delta("d", {"a": 1}))
-        cached(h, "d").write("a", "changed", "conn-99", h.server.now_ms())
+        cached(h, "d").merge("a", "changed", (h.server.now_ms() + 1, 1, "conn-99"))
         h.flush()
         self.assertEqual(broadcasts(client), [("a", "changed")])
 

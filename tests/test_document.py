@@ -1,10 +1,12 @@
 """
-One document's last-writer-wins state and vector clock (PROTOCOL.md sections 6.1 to 6.5), with our
-deviation from the reference: local writes get a hybrid-logical stamp, so a write processed later
-always wins, even inside one millisecond and against a higher counter.  No reactor is involved.
+One document's last-writer-wins state and vector clock, with our deviation from the reference:
+local writes get a hybrid-logical stamp, so a write processed later always wins, even inside one
+millisecond and against a higher counter.  No reactor is involved.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -13,6 +15,7 @@ from synckit.sync.document import (
     RESTORED,
     TOMBSTONE,
     Document,
+    Stamp,
     is_tombstone,
     merge_clock,
 )
@@ -20,69 +23,72 @@ from synckit.sync.document import (
 NOW = 1_700_000_000_000
 
 
+def write(doc: Document, field: str, value: Any, writer: str, now: int) -> Stamp:
+    """A local write as the engine makes it once storage confirmed it: stamp, merge, tick the clock."""
+    counter = doc.clock.get(writer, 0) + 1
+    stamp = doc.stamp(field, writer, counter, now)
+    doc.merge(field, value, stamp)
+    doc.settle(field, stamp)
+    doc.clock[writer] = counter
+    return stamp
+
+
 class WriteTests(SynchronousTestCase):
     def test_set(self) -> None:
-        """A write stores the value and returns it as the authoritative value."""
+        """A write stores the value."""
         doc = Document("d")
-        value, _ = doc.write("title", "Hello", "conn-1", NOW)
-        self.assertEqual(value, "Hello")
+        write(doc, "title", "Hello", "conn-1", NOW)
         self.assertEqual(doc.fields, {"title": "Hello"})
 
     def test_overwrite(self) -> None:
         """A second write replaces the value as a whole (no deep merge of objects)."""
         doc = Document("d")
-        doc.write("obj", {"a": 1, "b": 2}, "conn-1", NOW)
-        value, _ = doc.write("obj", {"c": 3}, "conn-1", NOW + 1)
-        self.assertEqual(value, {"c": 3})
+        write(doc, "obj", {"a": 1, "b": 2}, "conn-1", NOW)
+        write(doc, "obj", {"c": 3}, "conn-1", NOW + 1)
         self.assertEqual(doc.fields, {"obj": {"c": 3}})
 
     def test_null_is_a_value(self) -> None:
-        """Writing null keeps the field, with null: it is not a delete (section 6.3)."""
+        """Writing null keeps the field, with null: it is not a delete ."""
         doc = Document("d", {"a": 1})
-        value, _ = doc.write("a", None, "conn-1", NOW)
-        self.assertIsNone(value)
+        write(doc, "a", None, "conn-1", NOW)
         self.assertEqual(doc.fields, {"a": None})
 
     def test_tombstone_removes_field(self) -> None:
-        """A tombstone removes the field from the map and returns TOMBSTONE (section 6.4)."""
+        """A tombstone removes the field from the map."""
         doc = Document("d")
-        doc.write("a", 1, "conn-1", NOW)
-        doc.write("b", 2, "conn-1", NOW)
-        value, _ = doc.write("a", {"__deleted": True}, "conn-1", NOW + 1)
-        self.assertEqual(value, TOMBSTONE)
+        write(doc, "a", 1, "conn-1", NOW)
+        write(doc, "b", 2, "conn-1", NOW)
+        write(doc, "a", {"__deleted": True}, "conn-1", NOW + 1)
         self.assertEqual(doc.fields, {"b": 2})
 
     def test_tombstone_with_extra_keys_returns_canonical(self) -> None:
-        """A tombstone with extra keys deletes, and what is returned is the plain tombstone."""
+        """A tombstone with extra keys deletes too."""
         doc = Document("d", {"a": 1})
-        value, _ = doc.write("a", {"__deleted": True, "at": 5}, "conn-1", NOW)
-        self.assertEqual(value, {"__deleted": True})
+        write(doc, "a", {"__deleted": True, "at": 5}, "conn-1", NOW)
         self.assertNotIn("a", doc.fields)
 
     def test_delete_missing_field(self) -> None:
-        """Deleting a field that does not exist returns TOMBSTONE, leaves the map alone and ticks the clock."""
+        """Deleting a field that does not exist leaves the map alone and ticks the clock."""
         doc = Document("d", {"other": 1})
-        value, _ = doc.write("missing", TOMBSTONE, "conn-1", NOW)
-        self.assertEqual(value, TOMBSTONE)
+        write(doc, "missing", TOMBSTONE, "conn-1", NOW)
         self.assertEqual(doc.fields, {"other": 1})
         self.assertEqual(doc.clock, {"conn-1": 1})
 
     def test_recreate_after_delete(self) -> None:
         """A write after a delete brings the field back, even in the same millisecond."""
         doc = Document("d")
-        doc.write("a", 1, "conn-1", NOW)
-        doc.write("a", TOMBSTONE, "conn-2", NOW)
-        value, _ = doc.write("a", 3, "conn-1", NOW)
-        self.assertEqual(value, 3)
+        write(doc, "a", 1, "conn-1", NOW)
+        write(doc, "a", TOMBSTONE, "conn-2", NOW)
+        write(doc, "a", 3, "conn-1", NOW)
         self.assertEqual(doc.fields, {"a": 3})
 
     def test_rapid_delete_recreate_cycles(self) -> None:
         """Alternating deletes and writes of one field always leave the last operation's result."""
         doc = Document("d")
         for i in range(5):
-            doc.write("a", i, "conn-1", NOW)
+            write(doc, "a", i, "conn-1", NOW)
             self.assertEqual(doc.fields, {"a": i})
-            doc.write("a", TOMBSTONE, "conn-1", NOW)
+            write(doc, "a", TOMBSTONE, "conn-1", NOW)
             self.assertEqual(doc.fields, {})
 
 
@@ -105,27 +111,26 @@ class TombstoneDetectionTests(SynchronousTestCase):
             self.assertFalse(is_tombstone(value), value)
 
     def test_string_true_is_a_value(self) -> None:
-        """Writing {"__deleted": "true"} stores it as an ordinary value (section 6.4)."""
+        """Writing {"__deleted": "true"} stores it as an ordinary value."""
         doc = Document("d", {"a": 1})
-        value, _ = doc.write("a", {"__deleted": "true"}, "conn-1", NOW)
-        self.assertEqual(value, {"__deleted": "true"})
+        write(doc, "a", {"__deleted": "true"}, "conn-1", NOW)
         self.assertEqual(doc.fields, {"a": {"__deleted": "true"}})
 
 
 class VectorClockTests(SynchronousTestCase):
     def test_tick_once_per_field_per_writer(self) -> None:
-        """Each field write, set or delete, raises its writer's entry by one; other entries stay (section 6.5)."""
+        """Each field write, set or delete, raises its writer's entry by one; other entries stay."""
         doc = Document("d", clock={"conn-9": 4})
-        doc.write("a", 1, "conn-1", NOW)
-        doc.write("b", 2, "conn-1", NOW)
-        doc.write("c", TOMBSTONE, "conn-1", NOW)
-        doc.write("a", 5, "conn-2", NOW)
+        write(doc, "a", 1, "conn-1", NOW)
+        write(doc, "b", 2, "conn-1", NOW)
+        write(doc, "c", TOMBSTONE, "conn-1", NOW)
+        write(doc, "a", 5, "conn-2", NOW)
         self.assertEqual(doc.clock, {"conn-9": 4, "conn-1": 3, "conn-2": 1})
 
     def test_stamp_carries_counter_and_writer(self) -> None:
         """A write's stamp is (time, the writer's counter after the write, writer id)."""
         doc = Document("d", clock={"conn-1": 6})
-        _, stamp = doc.write("a", 1, "conn-1", NOW)
+        stamp = write(doc, "a", 1, "conn-1", NOW)
         self.assertEqual(stamp, (NOW, 7, "conn-1"))
 
     def test_merge_clock_elementwise_max(self) -> None:
@@ -135,7 +140,7 @@ class VectorClockTests(SynchronousTestCase):
         self.assertEqual(into, {"a": 5, "b": 4, "c": 2})
 
     def test_merge_clock_ignores_bad_entries(self) -> None:
-        """Entries that are not non-negative integers (floats, strings, bools, negatives, null) are ignored (R-3)."""
+        """Entries that are not non-negative integers (floats, strings, bools, negatives, null) are ignored."""
         into = {"a": 1}
         merge_clock(into, {"a": 2.5, "b": "3", "c": -1, "d": True, "e": None, "f": [1], "g": 0, "h": 7})
         self.assertEqual(into, {"a": 1, "g": 0, "h": 7})
@@ -147,7 +152,7 @@ class VectorClockTests(SynchronousTestCase):
         self.assertEqual(into, {"max": 2**53 - 1})
 
     def test_merge_clock_ignores_non_objects(self) -> None:
-        """A clock that is not an object (missing, list, string, number) changes nothing (R-3)."""
+        """A clock that is not an object (missing, list, string, number) changes nothing."""
         into = {"a": 1}
         for other in (None, [["a", 9]], "a", 9, True):
             merge_clock(into, other)
@@ -164,9 +169,8 @@ class LastWriterWinsTests(SynchronousTestCase):
     def test_later_write_wins_same_millisecond(self) -> None:
         """Two writes processed in the same millisecond: the one processed second wins."""
         doc = Document("d")
-        doc.write("a", "first", "conn-2", NOW)
-        value, _ = doc.write("a", "second", "conn-1", NOW)
-        self.assertEqual(value, "second")
+        write(doc, "a", "first", "conn-2", NOW)
+        write(doc, "a", "second", "conn-1", NOW)
         self.assertEqual(doc.fields, {"a": "second"})
 
     def test_later_write_wins_against_higher_counter(self) -> None:
@@ -176,17 +180,16 @@ class LastWriterWinsTests(SynchronousTestCase):
         """
         doc = Document("d")
         for i in range(10):
-            doc.write("other", i, "conn-9", NOW)
-        doc.write("a", "high", "conn-9", NOW)
-        value, stamp = doc.write("a", "low", "conn-1", NOW)
-        self.assertEqual(value, "low")
+            write(doc, "other", i, "conn-9", NOW)
+        write(doc, "a", "high", "conn-9", NOW)
+        stamp = write(doc, "a", "low", "conn-1", NOW)
         self.assertEqual(doc.fields["a"], "low")
         self.assertEqual(stamp[1], 1)
 
     def test_stamps_strictly_increase(self) -> None:
         """Successive writes of one field inside one millisecond get strictly increasing stamps."""
         doc = Document("d")
-        stamps = [doc.write("a", i, f"conn-{5 - i}", NOW)[1] for i in range(5)]
+        stamps = [write(doc, "a", i, f"conn-{5 - i}", NOW) for i in range(5)]
         self.assertEqual(stamps, sorted(stamps))
         self.assertEqual(len(set(stamps)), 5)
         self.assertEqual(doc.fields, {"a": 4})
@@ -194,15 +197,14 @@ class LastWriterWinsTests(SynchronousTestCase):
     def test_stamp_not_earlier_than_now(self) -> None:
         """A write's stamp time is the current millisecond when nothing later is stored."""
         doc = Document("d")
-        doc.write("a", 1, "conn-1", NOW)
-        _, stamp = doc.write("a", 2, "conn-1", NOW + 50)
+        write(doc, "a", 1, "conn-1", NOW)
+        stamp = write(doc, "a", 2, "conn-1", NOW + 50)
         self.assertEqual(stamp[0], NOW + 50)
 
     def test_restored_fields_lose_to_any_write(self) -> None:
-        """Fields loaded from storage carry the lowest stamp: any write, local or remote, replaces them (section 6.8)."""
+        """Fields loaded from storage carry the lowest stamp: any write, local or remote, replaces them."""
         doc = Document("d", {"a": "stored", "b": "stored"})
-        value, _ = doc.write("a", "new", "conn-1", 0)
-        self.assertEqual(value, "new")
+        write(doc, "a", "new", "conn-1", 0)
         self.assertTrue(doc.merge("b", "remote", (1, 1, "conn-1")))
         self.assertEqual(doc.fields, {"a": "new", "b": "remote"})
 
@@ -216,7 +218,7 @@ class RemoteMergeTests(SynchronousTestCase):
     def test_newer_remote_wins(self) -> None:
         """A remote write with a newer stamp replaces the local value."""
         doc = Document("d")
-        _, stamp = doc.write("a", "local", "conn-1", NOW)
+        stamp = write(doc, "a", "local", "conn-1", NOW)
         self.assertTrue(doc.merge("a", "remote", (NOW + 1, 1, "conn-1")))
         self.assertEqual(doc.fields, {"a": "remote"})
         self.assertEqual(stamp, (NOW, 1, "conn-1"))
@@ -224,14 +226,14 @@ class RemoteMergeTests(SynchronousTestCase):
     def test_older_remote_loses(self) -> None:
         """A remote write with an older stamp is refused and the local value stays."""
         doc = Document("d")
-        doc.write("a", "local", "conn-1", NOW)
+        write(doc, "a", "local", "conn-1", NOW)
         self.assertFalse(doc.merge("a", "remote", (NOW - 1, 99, "conn-9")))
         self.assertEqual(doc.fields, {"a": "local"})
 
     def test_same_millisecond_tie_breaks(self) -> None:
         """Inside one millisecond a remote write is ordered by counter, then by writer id."""
         doc = Document("d")
-        doc.write("a", "local", "conn-2", NOW)  # (NOW, 1, "conn-2")
+        write(doc, "a", "local", "conn-2", NOW)  # (NOW, 1, "conn-2")
         self.assertFalse(doc.merge("a", "lower id", (NOW, 1, "conn-1")))
         self.assertTrue(doc.merge("a", "higher counter", (NOW, 2, "conn-1")))
         self.assertEqual(doc.fields, {"a": "higher counter"})
@@ -239,29 +241,29 @@ class RemoteMergeTests(SynchronousTestCase):
     def test_equal_stamp_not_applied(self) -> None:
         """A remote write with exactly the stored stamp is not applied again."""
         doc = Document("d")
-        _, stamp = doc.write("a", "local", "conn-1", NOW)
+        stamp = write(doc, "a", "local", "conn-1", NOW)
         self.assertFalse(doc.merge("a", "other", stamp))
         self.assertEqual(doc.fields, {"a": "local"})
 
     def test_older_remote_loses_to_retained_delete(self) -> None:
         """A delete keeps its stamp: a delayed older remote write cannot bring the field back."""
         doc = Document("d")
-        doc.write("a", 1, "conn-1", NOW)
-        doc.write("a", TOMBSTONE, "conn-1", NOW + 10)
+        write(doc, "a", 1, "conn-1", NOW)
+        write(doc, "a", TOMBSTONE, "conn-1", NOW + 10)
         self.assertFalse(doc.merge("a", "stale", (NOW + 5, 50, "conn-7")))
         self.assertEqual(doc.fields, {})
 
     def test_newer_remote_beats_delete(self) -> None:
         """A remote write newer than a local delete recreates the field."""
         doc = Document("d")
-        doc.write("a", TOMBSTONE, "conn-1", NOW)
+        write(doc, "a", TOMBSTONE, "conn-1", NOW)
         self.assertTrue(doc.merge("a", "back", (NOW + 1, 1, "conn-3")))
         self.assertEqual(doc.fields, {"a": "back"})
 
     def test_remote_tombstone_deletes(self) -> None:
         """A newer remote tombstone removes the field."""
         doc = Document("d")
-        doc.write("a", 1, "conn-1", NOW)
+        write(doc, "a", 1, "conn-1", NOW)
         self.assertTrue(doc.merge("a", TOMBSTONE, (NOW + 1, 1, "conn-2")))
         self.assertEqual(doc.fields, {})
 
@@ -275,16 +277,15 @@ class RemoteMergeTests(SynchronousTestCase):
         """A local write processed after a remote one wins, even if the remote stamp is ahead of our clock."""
         doc = Document("d")
         doc.merge("a", "remote", (NOW + 1000, 5, "conn-9"))
-        value, stamp = doc.write("a", "local", "conn-1", NOW)
-        self.assertEqual(value, "local")
+        stamp = write(doc, "a", "local", "conn-1", NOW)
         self.assertGreater(stamp, (NOW + 1000, 5, "conn-9"))
 
 
 class ResetTests(SynchronousTestCase):
     def test_reset(self) -> None:
         """reset() empties fields, stamps, clock, lastModified and text state, keeping the object's id."""
-        doc = Document("d", {"a": 1}, {"conn-1": 3}, ("crdt", 1.0))
-        doc.write("b", 2, "conn-2", NOW + 5)
+        doc = Document("d", {"a": 1}, {"conn-1": 3})
+        write(doc, "b", 2, "conn-2", NOW + 5)
         doc.last_modified = 123
         doc.reset()
         self.assertEqual((doc.id, doc.fields, doc.clock, doc.last_modified, doc.text), ("d", {}, {}, None, None))
@@ -296,5 +297,34 @@ class ResetTests(SynchronousTestCase):
         """A document copies the fields and clock it is built from, so storage's copies stay untouched."""
         fields, clock = {"a": 1}, {"conn-1": 1}
         doc = Document("d", fields, clock)
-        doc.write("a", 2, "conn-1", NOW)
+        write(doc, "a", 2, "conn-1", NOW)
         self.assertEqual((fields, clock), ({"a": 1}, {"conn-1": 1}))
+
+
+class PromisedStampTests(SynchronousTestCase):
+    def test_stamp_changes_nothing_visible(self) -> None:
+        """Giving a write its stamp shows nothing: the value, its stamp and the clock are as before."""
+        doc = Document("d", {"a": 1})
+        doc.stamp("a", "conn-1", 1, NOW)
+        self.assertEqual((doc.fields, doc.clock), ({"a": 1}, {}))
+        self.assertTrue(doc.merge("a", "older but confirmed", (1, 1, "conn-9")))
+
+    def test_promised_stamp_is_outbid(self) -> None:
+        """
+        A write stamped while another is still being saved gets a later stamp, so it wins
+        whichever of the two is saved first.
+        """
+        doc = Document("d")
+        first = doc.stamp("a", "conn-1", 1, NOW)
+        second = doc.stamp("a", "conn-2", 1, NOW)
+        self.assertGreater(second, first)
+        doc.merge("a", "second", second)
+        doc.merge("a", "first", first)
+        self.assertEqual(doc.fields, {"a": "second"})
+
+    def test_settled_promise_is_forgotten(self) -> None:
+        """Once settled, a promised stamp no longer raises the next one (it does not pile up)."""
+        doc = Document("d")
+        stamp = doc.stamp("a", "conn-1", 1, NOW + 100)
+        doc.settle("a", stamp)
+        self.assertEqual(doc.stamp("a", "conn-1", 1, NOW), (NOW, 1, "conn-1"))

@@ -1,8 +1,8 @@
 """
-What each client message does (PROTOCOL.md sections 4, 5 and 8.1), driven through a session with
-in-memory storage on a Clock: auth, reads, writes, text relays, RBAC, connection limits and the
-/health statistics.  Where the code names a deliberate deviation (R-2, R-3, R-4, R-7, R-10), the
-test checks our behaviour.
+What each client message does, driven through a session with in-memory storage on a Clock: auth,
+reads, writes, text merges and relays, counter/set/rich-text relays, RBAC, connection limits and
+the /health statistics.  Where the code names a deliberate deviation from the reference, the test
+checks our behaviour.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Optional
 import jwt
 
 from synckit.session import Session
-from tests.helpers import SECRET, FakeClient, Harness, HarnessCase
+from synckit.sync.fugue import FugueText
+from tests.helpers import SECRET, FakeClient, Harness, HarnessCase, text_state
 
 #: the timestamp helpers.binary puts in every frame header
 HEADER_TS = 1_700_000_000_000
@@ -251,7 +252,7 @@ class AuthTests(HandlerTestCase):
             self.assertError(client, "Not authenticated")
         self.assertEqual(session.subscriptions, set())
         self.assertIsNone(client.closed)
-        self.assertIsNone(h.server.registry.peek("d"))
+        self.assertIsNone(h.server.engine.registry.peek("d"))
 
     def test_empty_checks_before_auth(self) -> None:
         """Before auth, an empty delta or delta_batch gets its emptiness error, not "Not authenticated"."""
@@ -313,18 +314,18 @@ class ReadTests(HandlerTestCase):
             {"documentId": "d", "field": "title", "value": "Hello", "clock": {writer.id: 1}, "clientId": "server"},
         )
 
-    def test_vector_clock_merged(self) -> None:
+    def test_reader_clock_ignored(self) -> None:
         """
-        A sync_request's vectorClock is merged into the document clock (element-wise max) before
-        the reply; entries that are not non-negative integers are ignored (R-3).
+        A sync_request's vectorClock never changes the document (a reader could otherwise grow
+        every later broadcast without bound): the reply carries the document's own clock.
         """
         h = self.harness()
+        writer, _ = h.connect()
+        h.send(writer, "delta", delta("d", {"a": 1}))
         session, client = h.connect()
-        h.send(session, "sync_request", {"id": "r", "documentId": "d", "vectorClock": {"x": 5, "y": 2}})
-        self.assertEqual(self.one(client, "sync_response")["clock"], {"x": 5, "y": 2})
-        clock = {"x": 3, "y": 4, "bad": -1, "frac": 1.5, "str": "7", "bool": True}
-        h.send(session, "sync_request", {"id": "r", "documentId": "d", "vectorClock": clock})
-        self.assertEqual(self.one(client, "sync_response")["clock"], {"x": 5, "y": 4})
+        h.send(session, "sync_request", {"id": "r", "documentId": "d", "vectorClock": {f"x{i}": i for i in range(1000)}})
+        self.assertEqual(self.one(client, "sync_response")["clock"], {writer.id: 1})
+        self.assertEqual(h.server.engine.registry.peek("d").clock, {writer.id: 1})
 
     def test_sync_request_validates_document_id(self) -> None:
         """sync_request checks the document id like subscribe does (R-10), before permissions."""
@@ -371,7 +372,7 @@ class ReadTests(HandlerTestCase):
 class SubscribeTests(HandlerTestCase):
     def test_subscribe_response(self) -> None:
         """subscribe answers sync_response with requestId, state, deltas [] and the clock, and subscribes."""
-        h = self.harness()
+        h = self.harness(legacy_field_deltas=False)
         writer, writer_client = h.connect()
         h.send(writer, "delta", delta("d", {"a": 1}))
         writer_client.take()
@@ -453,16 +454,60 @@ class SubscribeTests(HandlerTestCase):
         h.send(session, "delta", delta("crud-1-3", {"a": 1}))
         self.one(client, "ack")
 
-    def test_subscribe_returns_text_state(self) -> None:
-        """A document with text-CRDT state is served with textState and textClock on subscribe."""
+    def test_fields_also_sent_as_deltas(self) -> None:
+        """
+        After the sync_response, the subscriber alone gets each field as a delta in the broadcast
+        shape (SDK 0.1.x shows a late joiner only those); a deleted field is not sent.
+        """
         h = self.harness()
         writer, writer_client = h.connect()
-        h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [{"type": "text-state", "state": '{"f":1}', "timestamp": 123}]})
+        h.send(writer, "delta", delta("d", {"a": 1, "b": {"x": [2]}, "gone": 3}))
+        h.send(writer, "delta", delta("d", {"gone": TOMBSTONE}))
+        h.flush()
         writer_client.take()
         session, client = h.connect()
-        h.send(session, "subscribe", {"id": "s", "documentId": "d"})
-        response = self.one(client, "sync_response")
-        self.assertEqual((response["textState"], response["textClock"]), ('{"f":1}', 123))
+        h.send(session, "subscribe", {"id": "s1", "documentId": "d"})
+        response, *deltas = client.take()
+        self.assertEqual(response["type"], "sync_response")
+        clock = {writer.id: 4}
+        self.assertEqual(
+            [(m["type"], body(m)) for m in deltas],
+            [
+                ("delta", {"documentId": "d", "field": "a", "value": 1, "clock": clock, "clientId": "server"}),
+                ("delta", {"documentId": "d", "field": "b", "value": {"x": [2]}, "clock": clock, "clientId": "server"}),
+            ],
+        )
+        self.assertEqual(writer_client.take(), [])
+
+    def test_fields_as_deltas_can_be_switched_off(self) -> None:
+        """With legacy-field-deltas off, subscribe gets only its sync_response."""
+        h = self.harness(legacy_field_deltas=False)
+        writer, _ = h.connect()
+        h.send(writer, "delta", delta("d", {"a": 1}))
+        session, client = h.connect()
+        h.send(session, "subscribe", {"id": "s1", "documentId": "d"})
+        self.one(client, "sync_response")
+
+    def test_subscribe_returns_text_state(self) -> None:
+        """
+        A document with text state is served with the merged textState and textClock (an
+        integer) on subscribe and on sync_request.
+        """
+        h = self.harness()
+        writer, writer_client = h.connect()
+        one, two = text_state("alice", "Hello"), text_state("bob", "World")
+        for state, ts in ((one, 123), (two, 100.5)):
+            op = {"type": "text-state", "state": state, "timestamp": ts}
+            h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [op]})
+        writer_client.take()
+        expected = FugueText.parse(one)
+        expected.merge(FugueText.parse(two))
+        for kind in ("subscribe", "sync_request"):
+            session, client = h.connect()
+            h.send(session, kind, {"id": "s", "documentId": "d"})
+            response = self.one(client, "sync_response")
+            self.assertEqual(FugueText.parse(response["textState"]).text(), expected.text())
+            self.assertEqual(response["textClock"], 123)
 
 
 class DeltaTests(HandlerTestCase):
@@ -572,7 +617,7 @@ class DeltaTests(HandlerTestCase):
         for payload in payloads:
             h.send(session, "delta", payload)
             self.assertError(client, "Invalid delta message: missing or empty delta")
-        self.assertIsNone(h.server.registry.peek("d"))
+        self.assertIsNone(h.server.engine.registry.peek("d"))
 
     def test_delta_auto_subscribes(self) -> None:
         """A writer who may read is subscribed to the document it writes."""
@@ -594,7 +639,7 @@ class DeltaTests(HandlerTestCase):
         h = self.harness()
         session, _ = h.connect()
         h.send(session, "delta", delta("d", {"a": 1}, timestamp=1234))
-        self.assertEqual(h.server.registry.peek("d").last_modified, 1234)
+        self.assertEqual(h.server.engine.registry.peek("d").last_modified, 1234)
 
 
 class DeltaBatchTests(HandlerTestCase):
@@ -611,12 +656,11 @@ class DeltaBatchTests(HandlerTestCase):
         ops = [
             {"type": "set", "documentId": "d", "field": "a", "value": 1, "clock": {"sdk": 3}, "clientId": "c", "timestamp": 5},
             {"type": "set", "documentId": "d", "field": "b", "value": "x", "clock": {"sdk": 4}},
-            {"type": "set", "value": "no field: skipped"},
         ]
         h.send(writer, "delta_batch", {"id": "b1", "messageId": "mb", "documentId": "d", "deltas": ops})
         self.assertEqual(body(self.one(writer_client, "ack")), {"messageId": "mb"})
         self.assertEqual(self.state(h, "d"), {"a": 1, "b": "x"})
-        self.assertEqual(h.server.registry.peek("d").clock, {"sdk": 4, writer.id: 2})
+        self.assertEqual(h.server.engine.registry.peek("d").clock, {"sdk": 4, writer.id: 2})
         self.assertEqual(reader_client.take(), [])
         h.flush()
         self.assertEqual([(m["field"], m["value"]) for m in reader_client.take()], [("a", 1), ("b", "x")])
@@ -635,55 +679,145 @@ class DeltaBatchTests(HandlerTestCase):
         broadcast = self.one(client, "delta")
         self.assertEqual((broadcast["field"], broadcast["value"]), ("a", TOMBSTONE))
 
-    def test_text_state_stored_and_relayed(self) -> None:
+    def subscribed(self, h: Harness, doc_id: str = "d") -> tuple[Session, FakeClient]:
+        session, client = h.connect()
+        h.send(session, "sync_request", {"id": "r", "documentId": doc_id})
+        client.take()
+        return session, client
+
+    def test_text_state_merged_stored_and_relayed(self) -> None:
         """
-        A text-state op is stored, and relayed at once (before any flush) as delta_batch
-        {isTextOperation: true} to the other subscribers, with clientId filled in; the sender
-        gets only its ack.
+        A text-state op is merged into the stored text (never written over it), and relayed at
+        once (before any flush) as delta_batch {isTextOperation: true} to the other subscribers,
+        carrying the merged state and the writer's clientId; the sender gets only its ack.
         """
         h = self.harness()
-        writer, writer_client = h.connect()
-        reader, reader_client = h.connect()
-        h.send(reader, "sync_request", {"id": "r", "documentId": "d"})
-        h.send(writer, "sync_request", {"id": "r", "documentId": "d"})
+        writer, writer_client = self.subscribed(h)
+        reader, reader_client = self.subscribed(h)
+        first = text_state("alice", "Hello")
+        h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [{"type": "text-state", "state": first}]})
+        self.one(writer_client, "ack")
         reader_client.take()
-        writer_client.take()
-        op = {"type": "text-state", "state": '{"fugue":1}', "timestamp": 99}
+        op = {"type": "text-state", "state": text_state("bob", "World"), "timestamp": 99}
         h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [op]})
         self.one(writer_client, "ack")
         relay = self.one(reader_client, "delta_batch")
+        merged = FugueText.parse(first)
+        merged.merge(FugueText.parse(op["state"]))
         self.assertEqual(
-            body(relay), {"documentId": "d", "deltas": [{**op, "clientId": writer.id}], "isTextOperation": True}
+            body(relay),
+            {"documentId": "d", "deltas": [{**op, "state": merged.to_json(), "clientId": writer.id}], "isTextOperation": True},
         )
-        self.assertEqual(self.successResultOf(h.storage.load("d")).text, ('{"fugue":1}', 99))
+        stored = self.successResultOf(h.storage.load("d")).text
+        self.assertEqual((stored.state.text(), stored.clock), (merged.text(), HEADER_TS))
         h.flush()
         self.assertEqual(writer_client.take(), [])
         self.assertEqual(reader_client.take(), [])
+
+    def test_unreadable_text_state_refused(self) -> None:
+        """
+        A text state that cannot be parsed gets an error naming the op, and nothing of the
+        message is written: the stored text and the fields before it stay as they were.
+        """
+        h = self.harness()
+        writer, writer_client = self.subscribed(h)
+        good = text_state("alice", "Hello")
+        h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [{"type": "text-state", "state": good}]})
+        writer_client.take()
+        for bad in ('{"fugue":1}', "not json", '{"blocks": [[1, 2]], "clock": {"value": 1}, "client_id": "x"}'):
+            ops = [{"type": "set", "field": "a", "value": 1}, {"type": "text-state", "state": bad}]
+            h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": ops})
+            [error] = writer_client.take()
+            self.assertEqual(error["type"], "error")
+            self.assertTrue(error["error"].startswith("Invalid text state: "), error)
+            self.assertEqual(error["details"], {"documentId": "d", "index": 1, "code": "INVALID_MESSAGE"})
+        self.assertEqual(self.successResultOf(h.storage.load("d")).text.state.to_json(), FugueText.parse(good).to_json())
+        self.assertEqual(self.state(h, "d"), {})
+
+    def test_op_document_id_honoured(self) -> None:
+        """An op naming another document is written there, if the writer may write it."""
+        h = self.harness()
+        writer, writer_client = self.subscribed(h)
+        state = text_state("alice", "Elsewhere")
+        ops = [{"type": "text-state", "documentId": "other", "state": state}, {"type": "set", "field": "a", "value": 1}]
+        h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": ops})
+        self.one(writer_client, "ack")
+        self.assertEqual(self.successResultOf(h.storage.load("other")).text.state.text(), "Elsewhere")
+        self.assertIsNone(self.successResultOf(h.storage.load("d")).text)
+        self.assertEqual(self.state(h, "d"), {"a": 1})
 
     def test_text_op_client_id_kept(self) -> None:
         """A legacy text op is relayed with its own clientId and is not stored."""
         h = self.harness()
         writer, writer_client = h.connect()
-        reader, reader_client = h.connect()
-        h.send(reader, "sync_request", {"id": "r", "documentId": "d"})
-        reader_client.take()
+        reader, reader_client = self.subscribed(h)
         op = {"type": "text", "clientId": "browser-1", "ops": [1, 2]}
         h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [op]})
         self.one(writer_client, "ack")
         self.assertEqual(self.one(reader_client, "delta_batch")["deltas"], [op])
         self.assertIsNone(self.successResultOf(h.storage.load("d")))
 
-    def test_text_state_without_state_dropped(self) -> None:
-        """A text-state op without state is neither stored nor relayed, but the batch is acked."""
+    def test_text_state_without_state_refused(self) -> None:
+        """A text-state op without a state is refused with an error naming it, not silently acked."""
         h = self.harness()
         writer, writer_client = h.connect()
-        reader, reader_client = h.connect()
-        h.send(reader, "sync_request", {"id": "r", "documentId": "d"})
-        reader_client.take()
+        reader, reader_client = self.subscribed(h)
         h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [{"type": "text-state", "state": ""}]})
-        self.one(writer_client, "ack")
+        self.assertError(
+            writer_client,
+            "Unsupported operation at deltas[0]: a text-state operation without a state",
+            {"documentId": "d", "index": 0, "code": "INVALID_MESSAGE"},
+        )
         self.assertEqual(reader_client.take(), [])
-        self.assertIsNone(h.server.registry.peek("d").text)
+        self.assertIsNone(h.server.engine.registry.peek("d").text)
+
+    def test_counter_set_richtext_ops_relayed(self) -> None:
+        """
+        Counter, set and rich-text ops (no field) are relayed at once, as they came, to every
+        other subscriber (never back to the sender: applying one twice would count twice),
+        acked, counted by kind, and change no field.
+        """
+        h = self.harness()
+        writer, writer_client = self.subscribed(h)
+        reader, reader_client = self.subscribed(h)
+        ops = [
+            {"type": "counter", "operation": "increment", "value": 5, "documentId": "d", "clientId": "c1", "clock": {"c1": 1}},
+            {"type": "set", "operation": "add", "value": "apple", "documentId": "d", "clientId": "c1"},
+            {"type": "set", "operation": "clear", "documentId": "d", "clientId": "c1"},
+            {"type": "richtext", "operation": "format", "start": 0, "end": 2, "attributes": {"bold": True}},
+        ]
+        h.send(writer, "delta_batch", {"id": "b", "messageId": "m", "documentId": "d", "deltas": ops})
+        self.assertEqual(body(self.one(writer_client, "ack")), {"messageId": "m"})
+        relay = self.one(reader_client, "delta_batch")
+        self.assertEqual(body(relay), {"documentId": "d", "deltas": ops})
+        h.flush()
+        self.assertEqual((writer_client.take(), reader_client.take()), ([], []))
+        self.assertEqual(self.state(h, "d"), {})
+        self.assertEqual({k: v for k, v in h.server.metrics.operations.values.items() if v}, {"counter": 1, "set": 2, "richtext": 1})
+
+    def test_unsupported_op_refused(self) -> None:
+        """
+        An op the server can neither apply nor relay gets an error naming it (never a silent
+        ack), and nothing of its message is applied or relayed.
+        """
+        h = self.harness()
+        writer, writer_client = self.subscribed(h)
+        reader, reader_client = self.subscribed(h)
+        cases = [
+            ({"type": "set", "value": "no field, no operation"}, "an operation of type 'set'"),
+            ({"type": "counter", "operation": "multiply", "value": 2}, "an operation of type 'counter', operation 'multiply'"),
+            ({"type": "mystery"}, "an operation of type 'mystery'"),
+            ("not an object", "an operation that is not an object"),
+        ]
+        for bad, what in cases:
+            ops = [{"type": "set", "field": "a", "value": 1}, bad]
+            h.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": ops})
+            self.assertError(
+                writer_client, f"Unsupported operation at deltas[1]: {what}", {"documentId": "d", "index": 1, "code": "INVALID_MESSAGE"}
+            )
+        h.flush()
+        self.assertEqual(reader_client.take(), [])
+        self.assertEqual(self.state(h, "d"), {})
 
     def test_empty_batch(self) -> None:
         """A missing, empty or non-array deltas gets "Invalid delta batch: missing or empty deltas array"."""
@@ -713,7 +847,7 @@ class PermissionTests(HandlerTestCase):
         self.assertError(client, "Permission denied", {"documentId": "doc"})
         h.send(session, "delta_batch", {"id": "b", "documentId": "doc", "deltas": [{"type": "set", "field": "a", "value": 1}]})
         self.assertError(client, "Permission denied", {"documentId": "doc"})
-        self.assertEqual(h.server.registry.peek("doc").fields, {})
+        self.assertEqual(h.server.engine.registry.peek("doc").fields, {})
 
     def test_write_only_user(self) -> None:
         """

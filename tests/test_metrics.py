@@ -76,13 +76,13 @@ class DomainMetricsTests(HarnessCase):
     def test_reconnects_and_backend_calls(self) -> None:
         h = self.harness()
         metrics = h.server.metrics
-        metrics.storage_call("save_writes", 0.002)
-        metrics.storage_call("save_writes", 0.2)
+        metrics.storage_call("save", 0.002)
+        metrics.storage_call("save", 0.2)
         metrics.pubsub_call("publish", 0.001)
         r = metrics.registry
-        self.assertEqual(value(r, "synckit_storage_query_seconds_count", operation="save_writes"), 2)
-        self.assertEqual(value(r, "synckit_storage_query_seconds_bucket", operation="save_writes", le="0.0025"), 1)
-        self.assertEqual(value(r, "synckit_storage_query_seconds_bucket", operation="save_writes", le="+Inf"), 2)
+        self.assertEqual(value(r, "synckit_storage_query_seconds_count", operation="save"), 2)
+        self.assertEqual(value(r, "synckit_storage_query_seconds_bucket", operation="save", le="0.0025"), 1)
+        self.assertEqual(value(r, "synckit_storage_query_seconds_bucket", operation="save", le="+Inf"), 2)
         self.assertEqual(value(r, "synckit_pubsub_roundtrip_seconds_count", operation="publish"), 1)
         self.assertEqual(value(r, "synckit_reconnects_total", backend="memory"), 0)
 

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from txpostgres import txpostgres
 
 from synckit.storage import schema
-from synckit.storage.interface import FieldWrite, StorageRefused, StorageUnavailable
+from synckit.storage.interface import DocumentWrites, FieldWrite, StorageRefused, StorageUnavailable
 from synckit.storage.postgres import PostgresStorage
 from tests.services import PostgresServer, shared_postgres
 
@@ -123,8 +123,8 @@ class ReferenceRowsTests(TestCase):
     async def test_writes_rows_the_reference_reads(self) -> None:
         """state.id and state.fields hold the visible fields (no tombstones); deltas log each write."""
         storage = await self.start_storage()
-        await storage.save_writes("d", [FieldWrite("a", 1, "w1", 1, 1000), FieldWrite("b", 2, "w1", 2, 1000)])
-        await storage.save_writes("d", [FieldWrite("b", {"__deleted": True}, "w1", 3, 1001)])
+        await storage.save([DocumentWrites("d", [FieldWrite("a", 1, "w1", 1, 1000), FieldWrite("b", 2, "w1", 2, 1000)])])
+        await storage.save([DocumentWrites("d", [FieldWrite("b", {"__deleted": True}, "w1", 3, 1001)])])
         [(state,)] = self.server.execute("SELECT state FROM documents WHERE id = 'd'", self.database)
         self.assertEqual((state["id"], state["fields"]), ("d", {"a": 1}))
         log = self.server.execute("SELECT operation_type, field_path, value FROM deltas ORDER BY clock_value", self.database)
@@ -138,10 +138,10 @@ class ReferenceRowsTests(TestCase):
         """
         storage = await self.start_storage()
         with self.assertRaises(StorageRefused):
-            await storage.save_writes("d", [FieldWrite("a", "nul\u0000here", "w1", 1, 1000)])
+            await storage.save([DocumentWrites("d", [FieldWrite("a", "nul\u0000here", "w1", 1, 1000)])])
         with self.assertRaises(StorageRefused):
-            await storage.save_writes("d" * 256, [FieldWrite("a", 1, "w1", 1, 1000)])
-        await storage.save_writes("d", [FieldWrite("a", "fine", "w1", 2, 1001)])
+            await storage.save([DocumentWrites("d" * 256, [FieldWrite("a", 1, "w1", 1, 1000)])])
+        await storage.save([DocumentWrites("d", [FieldWrite("a", "fine", "w1", 2, 1001)])])
         self.assertEqual((await storage.load("d")).fields, {"a": "fine"})
 
 
@@ -163,16 +163,16 @@ class OutageTests(TestCase):
         the pool reconnects by itself and nothing saved before is missing.
         """
         storage = await self.start_storage()
-        await storage.save_writes("d", [FieldWrite("before", 1, "w1", 1, 1000)])
+        await storage.save([DocumentWrites("d", [FieldWrite("before", 1, "w1", 1, 1000)])])
         self.server.kill()
         started = time.monotonic()
         with self.assertRaises(StorageUnavailable):
-            await storage.save_writes("d", [FieldWrite("during", 1, "w1", 2, 1001)])
+            await storage.save([DocumentWrites("d", [FieldWrite("during", 1, "w1", 2, 1001)])])
         self.assertLess(time.monotonic() - started, 1.5)
         with self.assertRaises(StorageUnavailable):
             await storage.load("d")
         self.server.start()
-        await eventually(lambda: storage.save_writes("d", [FieldWrite("after", 1, "w1", 3, 1002)]))
+        await eventually(lambda: storage.save([DocumentWrites("d", [FieldWrite("after", 1, "w1", 3, 1002)])]))
         self.assertEqual((await storage.load("d")).fields, {"before": 1, "after": 1})
         self.assertGreaterEqual(storage.reconnects, 1)
 

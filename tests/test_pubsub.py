@@ -14,11 +14,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.pubsub.interface import IPubSub
 from synckit.pubsub.local import LocalBus, LocalPubSub
-from synckit.server import RESYNC_BACKOFF
+from synckit.sync.engine import RESYNC_BACKOFF
 from synckit.session import Session
-from synckit.storage.interface import FieldWrite, StorageUnavailable
+from synckit.storage.interface import DocumentWrites, FieldWrite, StorageUnavailable
+from synckit.sync.document import Text
+from synckit.sync.fugue import FugueText
 from synckit.sync.document import Document
-from tests.helpers import FakeClient, Harness, HarnessCase
+from tests.helpers import FakeClient, Harness, HarnessCase, text_state
 
 TOMBSTONE = {"__deleted": True}
 
@@ -29,7 +31,7 @@ def delta(doc_id: str, changes: dict[str, Any], id: str = "w", clock: Any = None
 
 def cached(h: Harness, doc_id: str) -> Document:
     """The document C{h}'s server holds in its cache, which must be there."""
-    doc = h.server.registry.peek(doc_id)
+    doc = h.server.engine.registry.peek(doc_id)
     if doc is None:
         raise AssertionError(f"{doc_id} is not cached")
     return doc
@@ -198,12 +200,48 @@ class RelayTests(MultiInstanceTestCase):
         self.assertEqual(self.fields(self.b), {"b": 2})
         self.assertEqual(deltas(remote_client), [("a", TOMBSTONE)])
 
+    def test_text_reaches_other_instance(self) -> None:
+        """
+        A text-state write on A is merged into B's cached text, and B's subscribers get it at
+        once as a text relay carrying the merged state and the writer's client id.
+        """
+        writer, _ = self.subscriber(self.a)
+        _, remote_client = self.subscriber(self.b)
+        other = text_state("bob", "World")
+        self.b.send(self.b.connect()[0], "delta_batch", {"id": "b", "documentId": "d", "deltas": [{"type": "text-state", "state": other}]})
+        self.clock.advance(0)
+        remote_client.take()
+        op = {"type": "text-state", "state": text_state("alice", "Hello"), "clientId": "alice"}
+        self.a.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [op]})
+        self.clock.advance(0)
+        [relay] = remote_client.of_type("delta_batch")
+        self.assertTrue(relay["isTextOperation"])
+        [relayed] = relay["deltas"]
+        self.assertEqual(relayed["clientId"], "alice")
+        text_a, text_b = cached(self.a, "d").text.state, cached(self.b, "d").text.state
+        self.assertEqual(text_a.to_json(), text_b.to_json())
+        self.assertEqual(FugueText.parse(relayed["state"]).text(), text_a.text())
+        self.assertEqual(sorted(text_a.text()), sorted("HelloWorld"))
+
+    def test_ops_reach_other_instance(self) -> None:
+        """Counter ops from A reach every subscriber on B once, and A's other subscribers, never A's writer."""
+        writer, writer_client = self.subscriber(self.a)
+        _, local_client = self.subscriber(self.a)
+        _, remote_client = self.subscriber(self.b)
+        op = {"type": "counter", "operation": "increment", "value": 2, "documentId": "d", "clientId": "c"}
+        self.a.send(writer, "delta_batch", {"id": "b", "documentId": "d", "deltas": [op]})
+        self.clock.advance(0)
+        for client in (local_client, remote_client):
+            [relay] = client.of_type("delta_batch")
+            self.assertEqual(relay["deltas"], [op])
+        self.assertEqual(writer_client.of_type("delta_batch"), [])
+
     def test_not_cached_not_relayed(self) -> None:
         """An instance that does not hold the document is not told about it (storage is the source of truth)."""
         writer, _ = self.subscriber(self.a)
         self.a.send(writer, "delta", delta("d", {"a": 1}))
         self.clock.advance(0)
-        self.assertIsNone(self.b.server.registry.peek("d"))
+        self.assertIsNone(self.b.server.engine.registry.peek("d"))
 
     def test_sequential_writes_later_wins_everywhere(self) -> None:
         """A write on B made after it has seen A's write wins on both instances, even in the same millisecond."""
@@ -322,7 +360,7 @@ class ResyncTests(HarnessCase):
         self.h.send(session, "subscribe", {"id": "s", "documentId": "d"})
         self.client.take()
         # What another instance saved while this one missed its publications.
-        self.h.storage.save_writes("d", [FieldWrite("a", 1, "other-conn", 1, 1_700_000_000_000)])
+        self.h.storage.save([DocumentWrites("d", [FieldWrite("a", 1, "other-conn", 1, 1_700_000_000_000)])])
         self.failures = 0
         self.loads = 0
         load = self.h.storage.load
@@ -336,9 +374,20 @@ class ResyncTests(HarnessCase):
 
         self.h.storage.load = failing_load  # type: ignore[method-assign]
 
+    def test_text_is_resynced(self) -> None:
+        """A resync merges text another instance stored, and relays the merged text to subscribers."""
+        stored = Text(FugueText.parse(text_state("elsewhere", "Hi")), 5)
+        self.h.storage.save([DocumentWrites("d", text=stored)])
+        self.h.server.engine.resync()
+        self.h.flush()
+        self.assertEqual(cached(self.h, "d").text.state.text(), "Hi")
+        [relay] = self.client.of_type("delta_batch")
+        self.assertEqual(FugueText.parse(relay["deltas"][0]["state"]).text(), "Hi")
+        self.assertEqual(relay["deltas"][0]["clientId"], "server")
+
     def test_merges_and_broadcasts_what_storage_holds(self) -> None:
         """A resync merges the stored write into the cache and tells the subscriber."""
-        self.h.server.resync()
+        self.h.server.engine.resync()
         self.h.flush()
         self.assertEqual(cached(self.h, "d").fields, {"a": 1})
         self.assertEqual(deltas(self.client), [("a", 1)])
@@ -346,7 +395,7 @@ class ResyncTests(HarnessCase):
     def test_retries_while_storage_is_unavailable(self) -> None:
         """Loads that fail are tried again after the backoff delays, and the write still arrives."""
         self.failures = 2
-        self.h.server.resync()
+        self.h.server.engine.resync()
         self.h.flush()
         self.assertEqual((self.loads, deltas(self.client)), (1, []))
         self.h.clock.advance(RESYNC_BACKOFF[0])
@@ -359,7 +408,7 @@ class ResyncTests(HarnessCase):
     def test_gives_up_after_the_last_delay(self) -> None:
         """If storage never comes back the resync stops, with a warning, and leaves no timer."""
         self.failures = len(RESYNC_BACKOFF) + 1
-        self.h.server.resync()
+        self.h.server.engine.resync()
         for delay in RESYNC_BACKOFF:
             self.h.clock.advance(delay)
         self.h.flush()

@@ -1,7 +1,8 @@
 """
-The document registry (PROTOCOL.md section 6.8): one shared load per document however many
-connections open it at once, failures that reach every waiter and cache nothing, LRU eviction that
-spares documents with subscribers, and the test reset.  Storage and pub/sub are recording fakes.
+The document registry: one shared load per document however many connections open it at once,
+failures that reach every waiter and cache nothing, LRU eviction that spares documents with
+subscribers, the re-read of stale documents, and the test reset.  Storage and pub/sub are
+recording fakes.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.storage.interface import StoredDocument
-from synckit.sync.document import Document
+from synckit.sync.document import Document, Text
 from synckit.sync.registry import DocumentRegistry
 
 
@@ -61,10 +62,17 @@ class FakePubSub:
         self.watched.discard(doc_id)
 
 
+#: a text state: the registry only holds it
+TEXT = Text(object(), 3)  # type: ignore[arg-type]
+
+
 class RegistryTestCase(SynchronousTestCase):
     def registry(self, capacity: int = 1000, immediate: bool = True) -> tuple[DocumentRegistry, FakeStorage, FakePubSub]:
         storage, pubsub = FakeStorage(immediate), FakePubSub()
-        return DocumentRegistry(storage, pubsub, capacity), storage, pubsub  # type: ignore[arg-type]
+        #: (document, what storage held) for each re-read of a stale document
+        self.merged: list[tuple[Document, StoredDocument]] = []
+        registry = DocumentRegistry(storage, pubsub, lambda doc, stored: self.merged.append((doc, stored)), capacity)  # type: ignore[arg-type]
+        return registry, storage, pubsub
 
     def opened(self, registry: DocumentRegistry, doc_id: str) -> Document:
         """Open a document whose load answers at once."""
@@ -85,9 +93,9 @@ class OpenTests(RegistryTestCase):
     def test_loaded_from_storage(self) -> None:
         """A stored document opens with its fields, clock and text state."""
         registry, storage, _ = self.registry()
-        storage.stored["d"] = StoredDocument({"a": 1}, {"conn-1": 2}, ("crdt", 3.0), {})
+        storage.stored["d"] = StoredDocument({"a": 1}, {"conn-1": 2}, TEXT, {})
         doc = self.opened(registry, "d")
-        self.assertEqual((doc.fields, doc.clock, doc.text), ({"a": 1}, {"conn-1": 2}, ("crdt", 3.0)))
+        self.assertEqual((doc.fields, doc.clock, doc.text), ({"a": 1}, {"conn-1": 2}, TEXT))
 
     def test_cached_after_first_open(self) -> None:
         """A second open returns the same object without asking storage again."""
@@ -263,9 +271,10 @@ class ClearTests(RegistryTestCase):
         kept = self.opened(registry, "kept")
         self.opened(registry, "dropped")
         registry.subscribe("kept", object())
-        kept.write("a", 1, "conn-1", 5)
+        kept.merge("a", 1, (5, 1, "conn-1"))
+        kept.clock["conn-1"] = 1
         kept.last_modified = 9
-        kept.text = ("crdt", 1.0)
+        kept.text = TEXT
         storage.clear_result = Deferred()
 
         result = registry.clear()
@@ -297,3 +306,40 @@ class ClearTests(RegistryTestCase):
         after = self.opened(registry, "d")
         self.assertIsNot(before, after)
         self.assertEqual(storage.loads, ["d", "d"])
+
+
+class StaleTests(RegistryTestCase):
+    def test_stale_document_is_reread_before_it_is_served(self) -> None:
+        """
+        A stale document (a save's outcome unknown) is re-read on its next open; what storage
+        holds is merged into the same object, which is served only then, and no longer stale.
+        """
+        registry, storage, _ = self.registry(immediate=False)
+        opening = registry.open("d")
+        storage.pending.pop("d").callback(None)
+        doc = self.successResultOf(opening)
+        doc.stale = True
+
+        again = registry.open("d")
+        self.assertNoResult(again)
+        stored = StoredDocument({"a": 1}, {}, None, {"a": (5, 1, "conn-1")})
+        storage.pending.pop("d").callback(stored)
+
+        self.assertIs(self.successResultOf(again), doc)
+        self.assertEqual(self.merged, [(doc, stored)])
+        self.assertFalse(doc.stale)
+        self.assertEqual(storage.loads, ["d", "d"])
+
+    def test_failed_reread_stays_stale(self) -> None:
+        """A re-read that fails fails the open, and the document stays stale for the next one."""
+        registry, storage, _ = self.registry(immediate=False)
+        opening = registry.open("d")
+        storage.pending.pop("d").callback(None)
+        doc = self.successResultOf(opening)
+        doc.stale = True
+        failed = registry.open("d")
+        storage.pending.pop("d").errback(LoadError())
+        self.failureResultOf(failed, LoadError)
+        self.flushLoggedErrors(LoadError)
+        self.assertTrue(doc.stale)
+        self.assertNoResult(registry.open("d"))

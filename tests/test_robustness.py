@@ -79,12 +79,12 @@ class ClosedSessionTests(SynchronousTestCase):
         """A sync_request still loading when its connection closes does not subscribe the dead session."""
         h = Harness()
         slow = SlowStorage(h.storage)
-        h.server.registry._storage = slow
+        h.server.engine.registry._storage = slow
         session, _ = h.connect()
         h.send(session, "sync_request", {"id": "s", "documentId": "d"})
         session.closed()
         slow.pending[0].callback(None)
-        self.assertEqual(h.server.registry.subscribers("d"), set())
+        self.assertEqual(h.server.engine.registry.subscribers("d"), set())
         self.assertEqual(session.subscriptions, set())
 
 

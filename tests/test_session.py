@@ -317,12 +317,12 @@ class OrderingTests(PipelineTestCase):
         """Make storage writes wait until the test fires them; returns the waiting Deferreds."""
         waiting: list[Deferred] = []
 
-        def save_writes(doc_id: str, writes: Any) -> Deferred:
+        def save(writes: Any) -> Deferred:
             d: Deferred = Deferred()
             waiting.append(d)
             return d
 
-        self.patch(h.storage, "save_writes", save_writes)
+        self.patch(h.storage, "save", save)
         return waiting
 
     def test_messages_wait_for_storage(self) -> None:
@@ -339,11 +339,11 @@ class OrderingTests(PipelineTestCase):
         h.send(session, "ping", {"id": "p"})
         self.assertEqual(client.take(), [])
         self.assertEqual(len(waiting), 1)
-        waiting[0].callback(None)
+        waiting[0].callback({})
         [ack] = client.take()
         self.assertEqual((ack["type"], ack["messageId"]), ("ack", "w1"))
         self.assertEqual(len(waiting), 2)
-        waiting[1].callback(None)
+        waiting[1].callback({})
         messages = client.take()
         self.assertEqual(kinds(messages), ["ack", "pong"])
         self.assertEqual(messages[0]["messageId"], "w2")
@@ -356,7 +356,7 @@ class OrderingTests(PipelineTestCase):
         h.send(session, "delta", {"id": "w1", "documentId": "d", "delta": {"a": 1}, "vectorClock": {}})
         h.send(session, "sync_request", {"id": "r1", "documentId": "d"})
         self.assertEqual(client.take(), [])
-        waiting[0].callback(None)
+        waiting[0].callback({})
         messages = client.take()
         self.assertEqual(kinds(messages), ["ack", "sync_response"])
         self.assertEqual(messages[1]["state"], {"a": 1})
@@ -371,7 +371,7 @@ class OrderingTests(PipelineTestCase):
         h.send(other, "ping", {})
         self.assertEqual(kinds(other_client.take()), ["pong"])
         self.assertEqual(writer_client.take(), [])
-        waiting[0].callback(None)
+        waiting[0].callback({})
         self.assertEqual(kinds(writer_client.take()), ["ack"])
 
     def test_failed_wait_releases_queue(self) -> None:
@@ -398,7 +398,7 @@ class OrderingTests(PipelineTestCase):
         h.send(session, "delta", {"id": "w1", "documentId": "d", "delta": {"a": 1}, "vectorClock": {}})
         h.send(session, "delta", {"id": "w2", "documentId": "d", "delta": {"a": 2}, "vectorClock": {}})
         session.closed()
-        waiting[0].callback(None)
+        waiting[0].callback({})
         self.assertEqual(len(waiting), 1)
         self.assertEqual(client.take(), [])
 
@@ -411,10 +411,10 @@ class HandlerFailureTests(PipelineTestCase):
         """
         h = self.harness()
 
-        def save_writes(doc_id: str, writes: Any) -> Deferred:
+        def save(writes: Any) -> Deferred:
             raise RuntimeError("disk on fire")
 
-        self.patch(h.storage, "save_writes", save_writes)
+        self.patch(h.storage, "save", save)
         session, client = h.connect()
         h.send(session, "delta", {"id": "w", "documentId": "doc-9", "delta": {"a": 1}, "vectorClock": {}})
         messages = client.take()
@@ -426,7 +426,7 @@ class HandlerFailureTests(PipelineTestCase):
     def test_storage_failed_deferred(self) -> None:
         """An already-failed storage Deferred is reported the same way as a raised exception."""
         h = self.harness()
-        self.patch(h.storage, "save_writes", lambda doc_id, writes: fail(RuntimeError("no")))
+        self.patch(h.storage, "save", lambda writes: fail(RuntimeError("no")))
         session, client = h.connect()
         h.send(session, "delta", {"id": "w", "documentId": "d", "delta": {"a": 1}, "vectorClock": {}})
         self.assertEqual(errors(client.take()), [("Delta application failed", {"documentId": "d"})])

@@ -5,13 +5,14 @@ memory, and PostgreSQL on a real server (tests/services.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from synckit.storage.interface import FieldWrite, IStorage, StoredDocument
+from synckit.storage.interface import DocumentWrites, FieldWrite, IStorage, StoredDocument
 from synckit.storage.memory import MemoryStorage
 from synckit.storage.postgres import PostgresStorage
 from synckit.sync.document import TOMBSTONE
@@ -20,6 +21,11 @@ from tests.services import shared_postgres
 
 def write(field: str, value: Any, writer: str = "w1", counter: int = 1, ts: int = 1000) -> FieldWrite:
     return FieldWrite(field, value, writer, counter, ts)
+
+
+def save(storage: IStorage, doc_id: str, writes: Sequence[FieldWrite]) -> Deferred:
+    """Save field writes to one document."""
+    return storage.save([DocumentWrites(doc_id, writes)])
 
 
 class StorageContract:
@@ -46,7 +52,7 @@ class StorageContract:
     async def test_round_trip(self) -> None:
         """Fields, the writers' clock entries and the stamps come back as saved."""
         storage = await self.fresh()
-        await storage.save_writes("d", [write("a", 1, "w1", 1, 1000), write("b", "x", "w2", 4, 1001)])
+        await save(storage, "d", [write("a", 1, "w1", 1, 1000), write("b", "x", "w2", 4, 1001)])
         stored = await storage.load("d")
         self.assertEqual(  # type: ignore[attr-defined]
             stored,
@@ -63,18 +69,18 @@ class StorageContract:
             "unicode": "héllo ✓ 😀", "nested": {"a": [1, {"b": None}], "c": "d"}, "list": [],
             "large": "x" * 1_000_000,
         }  # fmt: skip
-        await storage.save_writes("d", [write(k, v, counter=i + 1) for i, (k, v) in enumerate(values.items())])
+        await save(storage, "d", [write(k, v, counter=i + 1) for i, (k, v) in enumerate(values.items())])
         self.assertEqual((await storage.load("d")).fields, values)  # type: ignore[attr-defined]
 
     async def test_newer_stamp_wins(self) -> None:
         """A write replaces the stored field only if its stamp is newer, whatever the saving order."""
         storage = await self.fresh()
-        await storage.save_writes("d", [write("f", "new", "w2", 1, 2000)])
-        await storage.save_writes("d", [write("f", "old", "w1", 5, 1000)])
-        await storage.save_writes("d", [write("g", "first", "w1", 6, 3000)])
-        await storage.save_writes("d", [write("g", "tie-broken-by-counter", "w2", 7, 3000)])
-        await storage.save_writes("d", [write("h", "a", "w1", 8, 4000)])
-        await storage.save_writes("d", [write("h", "b", "w2", 8, 4000)])  # same ms and counter: writer id decides
+        await save(storage, "d", [write("f", "new", "w2", 1, 2000)])
+        await save(storage, "d", [write("f", "old", "w1", 5, 1000)])
+        await save(storage, "d", [write("g", "first", "w1", 6, 3000)])
+        await save(storage, "d", [write("g", "tie-broken-by-counter", "w2", 7, 3000)])
+        await save(storage, "d", [write("h", "a", "w1", 8, 4000)])
+        await save(storage, "d", [write("h", "b", "w2", 8, 4000)])  # same ms and counter: writer id decides
         stored = await storage.load("d")
         self.assertEqual(stored.fields, {"f": "new", "g": "tie-broken-by-counter", "h": "b"})  # type: ignore[attr-defined]
         self.assertEqual(stored.stamps["f"], (2000, 1, "w2"))  # type: ignore[attr-defined]
@@ -82,53 +88,43 @@ class StorageContract:
     async def test_writer_ids_compare_by_code_point(self) -> None:
         """Ties on time and counter go to the writer id that is greater by code point, not by locale."""
         storage = await self.fresh()
-        await storage.save_writes("d", [write("f", "upper", "conn-B", 1, 1000)])
-        await storage.save_writes("d", [write("f", "lower", "conn-a", 1, 1000)])  # 'a' > 'B' by code point
+        await save(storage, "d", [write("f", "upper", "conn-B", 1, 1000)])
+        await save(storage, "d", [write("f", "lower", "conn-a", 1, 1000)])  # 'a' > 'B' by code point
         self.assertEqual((await storage.load("d")).fields, {"f": "lower"})  # type: ignore[attr-defined]
 
     async def test_delete_keeps_its_stamp(self) -> None:
         """A delete removes the field but keeps its stamp, so an older write cannot bring it back."""
         storage = await self.fresh()
-        await storage.save_writes("d", [write("f", 1, "w1", 1, 1000), write("keep", 2, "w1", 2, 1000)])
-        await storage.save_writes("d", [write("f", TOMBSTONE, "w2", 1, 2000)])
-        await storage.save_writes("d", [write("f", "stale", "w1", 3, 1500)])
+        await save(storage, "d", [write("f", 1, "w1", 1, 1000), write("keep", 2, "w1", 2, 1000)])
+        await save(storage, "d", [write("f", TOMBSTONE, "w2", 1, 2000)])
+        await save(storage, "d", [write("f", "stale", "w1", 3, 1500)])
         stored = await storage.load("d")
         self.assertEqual(stored.fields, {"keep": 2})  # type: ignore[attr-defined]
         self.assertEqual(stored.stamps["f"], (2000, 1, "w2"))  # type: ignore[attr-defined]
-        await storage.save_writes("d", [write("f", "again", "w1", 4, 2500)])
+        await save(storage, "d", [write("f", "again", "w1", 4, 2500)])
         self.assertEqual((await storage.load("d")).fields, {"keep": 2, "f": "again"})  # type: ignore[attr-defined]
 
     async def test_writes_in_one_call_apply_in_order(self) -> None:
         storage = await self.fresh()
-        await storage.save_writes("d", [write("f", 1, "w1", 1, 1000), write("f", 2, "w1", 2, 1001)])
+        await save(storage, "d", [write("f", 1, "w1", 1, 1000), write("f", 2, "w1", 2, 1001)])
         self.assertEqual((await storage.load("d")).fields, {"f": 2})  # type: ignore[attr-defined]
 
     async def test_clock_entries_only_grow(self) -> None:
         storage = await self.fresh()
-        await storage.save_writes("d", [write("f", 1, "w1", 5, 1000)])
-        await storage.save_writes("d", [write("g", 1, "w1", 3, 1001)])
+        await save(storage, "d", [write("f", 1, "w1", 5, 1000)])
+        await save(storage, "d", [write("g", 1, "w1", 3, 1001)])
         self.assertEqual((await storage.load("d")).clock, {"w1": 5})  # type: ignore[attr-defined]
 
     async def test_documents_are_separate(self) -> None:
         storage = await self.fresh()
-        await storage.save_writes("room:a", [write("f", 1)])
-        await storage.save_writes("room:b", [write("f", 2)])
+        await save(storage, "room:a", [write("f", 1)])
+        await save(storage, "room:b", [write("f", 2)])
         self.assertEqual((await storage.load("room:a")).fields, {"f": 1})  # type: ignore[attr-defined]
         self.assertEqual((await storage.load("room:b")).fields, {"f": 2})  # type: ignore[attr-defined]
 
-    async def test_text_and_fields_coexist(self) -> None:
-        """A document's text-CRDT state and its fields are both kept."""
-        storage = await self.fresh()
-        await storage.save_text("d", '{"fugue": 1}', 7)
-        await storage.save_writes("d", [write("f", 1)])
-        await storage.save_text("d", '{"fugue": 2}', 8)
-        stored = await storage.load("d")
-        self.assertEqual((stored.fields, stored.text), ({"f": 1}, ('{"fugue": 2}', 8)))  # type: ignore[attr-defined]
-
     async def test_clear(self) -> None:
         storage = await self.fresh()
-        await storage.save_writes("d", [write("f", 1)])
-        await storage.save_text("t", "crdt", 1)
+        await save(storage, "d", [write("f", 1)])
         await storage.clear()
         self.assertIsNone(await storage.load("d"))  # type: ignore[attr-defined]
         self.assertIsNone(await storage.load("t"))  # type: ignore[attr-defined]

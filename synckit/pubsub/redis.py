@@ -235,7 +235,12 @@ class RedisPubSub:
             connection = self._connection()
         except PubSubUnavailable:
             return fail()
-        return self._within(connection.publish(self.channel(kind, doc_id), data), "publish")
+        return self._within(connection.publish(self.channel(kind, doc_id), data), "publish").addErrback(self._lost)
+
+    def _lost(self, failure: Failure) -> None:
+        """A call cut off by a lost connection: Redis is unavailable, as for one never made."""
+        failure.trap(txredisapi.ConnectionError)
+        raise PubSubUnavailable(f"Redis at {self._address} is not connected: {failure.getErrorMessage()}")
 
     async def _ping(self) -> float:
         started = time.perf_counter()

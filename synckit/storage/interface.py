@@ -1,9 +1,11 @@
 """
-What the sync engine needs from durable storage (PROTOCOL.md section 7.1), as Deferreds.
+What the sync engine needs from durable storage, as Deferreds.
 
-The reference issues three writes per field (whole document, writer's clock entry, delta log
-row); we hand storage one message's writes at once, in order, so an implementation can make them
-one transaction and the ``ack`` can wait for exactly that.
+A write is saved before anyone can see it: the engine hands storage everything one message (or
+one group of messages) writes, storage makes it durable in one transaction, and only then does
+the engine show it to readers, broadcast it and acknowledge it.  The reference issues three
+writes per field (whole document, writer's clock entry, delta log row) and acknowledges before
+they finish; here the ``ack`` waits for exactly that one transaction.
 """
 
 from __future__ import annotations
@@ -13,11 +15,23 @@ from typing import Any, NamedTuple, Optional, Sequence
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from synckit.sync.document import Stamp
+from synckit.sync.document import Stamp, Text
 
 
 class StorageUnavailable(Exception):
-    """Storage cannot be reached now, or did not answer in time: the request may be retried later."""
+    """Storage cannot be reached now: nothing was saved, and the request may be retried later."""
+
+
+class StorageTimeout(StorageUnavailable):
+    """
+    Storage did not answer in time.  Unlike a plain L{StorageUnavailable}, what was asked may
+    still happen: C{settled} fires (with C{None}, never failing) once the call has really ended,
+    so that the caller can re-read what storage then holds instead of guessing.
+    """
+
+    def __init__(self, message: str, settled: Deferred) -> None:
+        super().__init__(message)
+        self.settled = settled
 
 
 class StorageRefused(Exception):
@@ -26,21 +40,21 @@ class StorageRefused(Exception):
 
 class StoredDocument(NamedTuple):
     """
-    A document as storage holds it: visible fields, vector clock, text-CRDT state, and the
+    A document as storage holds it: visible fields, vector clock, text CRDT state, and the
     last-writer-wins stamp of each field written through us (deleted ones included), so that
     instances re-reading it order its writes as they ordered them live.
     """
 
     fields: dict[str, Any]
     clock: dict[str, int]
-    text: Optional[tuple[str, float]]
+    text: Optional[Text]
     stamps: dict[str, Stamp]
 
 
 class FieldWrite(NamedTuple):
     """
-    One applied field write: the authoritative value (the tombstone for a delete), who wrote it
-    (a connection id), the writer's clock counter after it, and its stamp's time (ms).
+    One field write: the authoritative value (the tombstone for a delete), who wrote it (a
+    connection id), the writer's clock counter after it, and its stamp's time (ms).
     """
 
     field: str
@@ -52,6 +66,35 @@ class FieldWrite(NamedTuple):
     @property
     def stamp(self) -> Stamp:
         return (self.ts, self.counter, self.writer)
+
+
+class OpRecord(NamedTuple):
+    """
+    An operation the server relays without applying (a counter step, a set change, a rich-text
+    format): kept in the delta log as C{kind} (``counter``, ``set``, ``richtext``), C{operation}
+    (``increment``, ``add``, ``format``, ...) and the op as relayed.
+    """
+
+    kind: str
+    operation: str
+    writer: str
+    counter: int
+    op: dict[str, Any]
+
+
+class DocumentWrites(NamedTuple):
+    """
+    Everything one save writes to one document: field writes in order, text state to merge into
+    the stored text (C{None}: no text), and operations for the delta log.  C{text_base} is the
+    text as the server last had it confirmed, which storage may take as the stored text until it
+    finds otherwise (it must not change it).
+    """
+
+    doc_id: str
+    fields: Sequence[FieldWrite] = ()
+    text: Optional[Text] = None
+    ops: Sequence[OpRecord] = ()
+    text_base: Optional[Text] = None
 
 
 class IStorage(Interface):
@@ -66,19 +109,26 @@ class IStorage(Interface):
     def load(doc_id: str) -> "Deferred[Optional[StoredDocument]]":
         """The stored document, or C{None} if it was never written."""
 
-    def save_writes(doc_id: str, writes: Sequence[FieldWrite]) -> Deferred:
+    def save(writes: Sequence[DocumentWrites]) -> "Deferred[dict[str, Text]]":
         """
-        Persist C{writes} to C{doc_id}, each only if its stamp is newer than the one stored for
-        its field (instances sharing storage may save concurrent writes in any order): it sets
-        or deletes the field, and raises its writer's clock entry to its counter.  Fires once
-        they are durable: the server acknowledges the message only then.
+        Persist C{writes}, all in one transaction, and fire once they are durable.
+
+        - A field write is kept only if its stamp is newer than the one stored for its field
+          (instances sharing storage may save concurrent writes in any order); it sets or deletes
+          the field, and raises its writer's clock entry to its counter.
+        - Text state is merged into the stored text under the transaction's lock on the
+          document, never written over it, so concurrent saves from any number of instances all
+          keep their edits; the stored text clock becomes the larger of the two.
+        - Operations are appended to the delta log.
+
+        @return: for each document that had text, the text as now stored (a fresh object the
+            caller owns).
+        @raise StorageUnavailable: nothing was saved (L{StorageTimeout}: the outcome is unknown).
+        @raise StorageRefused: the data cannot be stored; nothing was saved.
         """
 
     def ping() -> "Deferred[float]":
         """Round trip to the storage, in seconds; fails if it cannot be reached."""
-
-    def save_text(doc_id: str, crdt: str, clock: float) -> Deferred:
-        """Persist the document's text-CRDT state."""
 
     def clear() -> Deferred:
         """Delete every document (the test reset endpoint only)."""

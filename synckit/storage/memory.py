@@ -1,8 +1,9 @@
 """
 Storage in this process's memory: the default, and the reference for the storage contract.
 
-Nothing survives a restart.  The delta audit log that SQL storage keeps is not kept here: nothing
-reads it, and in memory it would only grow.
+Nothing survives a restart.  The delta log that SQL storage keeps is not kept here: nothing reads
+it, and in memory it would only grow.  Stored text is an object of its own that only copies
+leave, so that nothing outside can ever change what is stored.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import Any, Optional, Sequence
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from synckit.storage.interface import FieldWrite, IStorage, StoredDocument
-from synckit.sync.document import Stamp, is_tombstone
+from synckit.storage.interface import DocumentWrites, IStorage, StoredDocument
+from synckit.sync.document import Stamp, Text, is_tombstone
 
 
 @implementer(IStorage)
@@ -24,7 +25,7 @@ class MemoryStorage:
         self._fields: dict[str, dict[str, Any]] = {}
         self._clocks: dict[str, dict[str, int]] = {}
         self._stamps: dict[str, dict[str, Stamp]] = {}
-        self._text: dict[str, tuple[str, float]] = {}
+        self._text: dict[str, Text] = {}
 
     def start(self) -> Deferred:
         return succeed(None)
@@ -35,20 +36,41 @@ class MemoryStorage:
     def load(self, doc_id: str) -> "Deferred[Optional[StoredDocument]]":
         if doc_id not in self._fields and doc_id not in self._text:
             return succeed(None)
+        text = self._text.get(doc_id)
         return succeed(
             StoredDocument(
                 dict(self._fields.get(doc_id, {})),
                 dict(self._clocks.get(doc_id, {})),
-                self._text.get(doc_id),
+                Text(text.state.copy(), text.clock) if text is not None else None,
                 dict(self._stamps.get(doc_id, {})),
             )
         )
 
-    def save_writes(self, doc_id: str, writes: Sequence[FieldWrite]) -> Deferred:
-        stored = self._fields.setdefault(doc_id, {})
-        clock = self._clocks.setdefault(doc_id, {})
-        stamps = self._stamps.setdefault(doc_id, {})
-        for write in writes:
+    def save(self, writes: Sequence[DocumentWrites]) -> "Deferred[dict[str, Text]]":
+        saved = {}
+        for doc in writes:
+            self._save_fields(doc)
+            if doc.text is not None:
+                saved[doc.doc_id] = self._merge_text(doc.doc_id, doc.text)
+        return succeed(saved)
+
+    def _merge_text(self, doc_id: str, text: Text) -> Text:
+        stored = self._text.get(doc_id)
+        if stored is None:
+            stored = self._text[doc_id] = Text(text.state.copy(), text.clock)
+        else:
+            stored.state.merge(text.state)
+            if text.clock > stored.clock:
+                stored = self._text[doc_id] = Text(stored.state, text.clock)
+        return Text(stored.state.copy(), stored.clock)
+
+    def _save_fields(self, doc: DocumentWrites) -> None:
+        if not doc.fields:
+            return
+        stored = self._fields.setdefault(doc.doc_id, {})
+        clock = self._clocks.setdefault(doc.doc_id, {})
+        stamps = self._stamps.setdefault(doc.doc_id, {})
+        for write in doc.fields:
             clock[write.writer] = max(clock.get(write.writer, 0), write.counter)
             previous = stamps.get(write.field)
             if previous is not None and previous >= write.stamp:
@@ -58,14 +80,9 @@ class MemoryStorage:
                 stored.pop(write.field, None)
             else:
                 stored[write.field] = write.value
-        return succeed(None)
 
     def ping(self) -> "Deferred[float]":
         return succeed(0.0)
-
-    def save_text(self, doc_id: str, crdt: str, clock: float) -> Deferred:
-        self._text[doc_id] = (crdt, clock)
-        return succeed(None)
 
     def clear(self) -> Deferred:
         self._fields.clear()

@@ -1,9 +1,12 @@
 """
-Storage in PostgreSQL (PROTOCOL.md sections 7.1-7.4), over txpostgres.
+Storage in PostgreSQL, over txpostgres.
 
-The tables are the reference server's, so either server reads what the other wrote.  One
-message's writes go to the database in one call of ``synckit_save_writes`` (migration 002): one
-round trip and one transaction, which the ``ack`` waits for.
+The tables are the reference server's, so either server reads what the other wrote.  A save is
+one statement and so one transaction, which the ``ack`` waits for: ``synckit_save`` (migration
+003) writes the fields, the text and the delta log of any number of documents.  Text is merged
+here and stored compare-and-set: the merge starts from the text the server last had confirmed,
+and if another instance stored text since, the save is refused whole, the stored text read and
+the merge done again, so that instances saving text at once all keep their edits.
 
 Every connection of the pool has a dead-connection detector: when PostgreSQL goes away, calls on
 that connection fail at once and it reconnects in the background with back-off.  Calls fail with
@@ -13,12 +16,14 @@ the server refuses writes then, and keeps serving what it has cached.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 from urllib.parse import urlsplit
 
 import orjson
 import psycopg2
+import psycopg2.errors
 from psycopg2.extras import Json
 from twisted.internet.defer import Deferred, FirstError
 from twisted.internet.task import deferLater
@@ -28,20 +33,33 @@ from txpostgres import reconnection, retrying, txpostgres
 from zope.interface import implementer
 
 from synckit.storage import schema
-from synckit.storage.interface import FieldWrite, IStorage, StorageRefused, StorageUnavailable, StoredDocument
-from synckit.sync.document import Stamp
+from synckit.storage.interface import (
+    DocumentWrites,
+    IStorage,
+    StorageRefused,
+    StorageTimeout,
+    StorageUnavailable,
+    StoredDocument,
+)
+from synckit.sync.document import Stamp, Text
+from synckit.sync.fugue import FugueText, TextStateError
 
 _LOAD = (
     "SELECT d.state, (SELECT json_object_agg(client_id, clock_value) FROM vector_clocks"
     " WHERE document_id = d.id) FROM documents d WHERE d.id = %s"
 )
-_SAVE_TEXT = (
-    "INSERT INTO documents (id, state) VALUES (%s, %s)"
-    " ON CONFLICT (id) DO UPDATE SET state = documents.state || EXCLUDED.state"
-)
+_LOAD_TEXT = "SELECT state->>'crdt', state->'clock' FROM documents WHERE id = %s"
+
+#: how many times a text save is merged again after other instances' saves got in first
+TEXT_ATTEMPTS = 5
 
 #: Errors that mean PostgreSQL could not be reached or the connection broke (retry later) ...
-_UNAVAILABLE = (psycopg2.OperationalError, psycopg2.InterfaceError, reconnection.ConnectionDead)
+_UNAVAILABLE = (
+    psycopg2.OperationalError,
+    psycopg2.InterfaceError,
+    reconnection.ConnectionDead,
+    txpostgres.RollbackFailed,  # a transaction whose connection broke
+)
 #: ... and errors about the data itself, which no retry will fix.
 _REFUSED = (psycopg2.DataError,)
 
@@ -239,19 +257,23 @@ class PostgresStorage:
 
     def _within(self, d: Deferred, what: str) -> Deferred:
         """
-        C{d}'s result, or L{StorageUnavailable} after the timeout.  The query itself is not
-        cancelled (txpostgres would have to cancel it on the server); its late result is dropped.
+        C{d}'s result, or L{StorageTimeout} after the timeout.  The query itself is not
+        cancelled (txpostgres would have to cancel it on the server): the timeout's C{settled}
+        fires when it ends, and its late result is dropped.
         """
         result: Deferred = Deferred()
+        settled: Deferred = Deferred()
 
         def late() -> None:
-            result.errback(StorageUnavailable(f"PostgreSQL did not answer {what} within {self._timeout:g} s"))
+            message = f"PostgreSQL did not answer {what} within {self._timeout:g} s"
+            result.errback(StorageTimeout(message, settled))
 
         timer = self._reactor.callLater(self._timeout, late)
 
         def done(outcome: Any) -> None:
             if not timer.active():
-                return  # timed out already: the caller has its answer
+                settled.callback(None)  # timed out already: the caller has its answer
+                return
             timer.cancel()
             if isinstance(outcome, Failure):
                 result.errback(outcome)
@@ -277,6 +299,8 @@ class PostgresStorage:
                 if self._observe is not None:
                     self._observe(what, time.perf_counter() - started)
                 return result
+            except psycopg2.errors.SerializationFailure:
+                raise _TextChanged() from None
             except _UNAVAILABLE as e:
                 if attempt + 1 == attempts:
                     reason = "" if isinstance(e, reconnection.ConnectionDead) else f": {error_text(e)}"
@@ -290,23 +314,37 @@ class PostgresStorage:
         if not rows:
             return None
         state, clock = rows[0]
-        return stored_document(state, clock)
+        return stored_document(doc_id, state, clock)
 
     def load(self, doc_id: str) -> "Deferred[Optional[StoredDocument]]":
         return Deferred.fromCoroutine(self._load(doc_id))
 
-    def save_writes(self, doc_id: str, writes: Sequence[FieldWrite]) -> Deferred:
-        records = [{"field": w.field, "value": w.value, "stamp": list(w.stamp)} for w in writes]
-        payload = _json(records)
-        return Deferred.fromCoroutine(
-            self._call("save_writes", lambda: self._pool.runOperation("SELECT synckit_save_writes(%s, %s)", (doc_id, payload)))
-        )
+    def save(self, writes: Sequence[DocumentWrites]) -> "Deferred[dict[str, Text]]":
+        return Deferred.fromCoroutine(self._save(writes))
 
-    def save_text(self, doc_id: str, crdt: str, clock: float) -> Deferred:
-        state = _json({"type": "text", "content": "", "crdt": crdt, "clock": clock})
-        return Deferred.fromCoroutine(
-            self._call("save_text", lambda: self._pool.runOperation(_SAVE_TEXT, (doc_id, state)))
-        )
+    async def _save(self, writes: Sequence[DocumentWrites]) -> dict[str, Text]:
+        #: per document with text: what the merge starts from, and the digest of its stored JSON
+        bases = {doc.doc_id: _Base.of(doc.text_base) for doc in writes if doc.text is not None}
+        for _ in range(TEXT_ATTEMPTS):
+            merged = {doc.doc_id: bases[doc.doc_id].merged(doc.text) for doc in writes if doc.text is not None}
+            records = [_record(doc, bases.get(doc.doc_id), merged.get(doc.doc_id)) for doc in writes]
+            try:
+                await self._call("save", lambda: self._pool.runOperation("SELECT synckit_save(%s)", (_json(records),)))
+                return merged
+            except _TextChanged:
+                for doc_id in bases:
+                    bases[doc_id] = await self._load_text(doc_id)
+        raise StorageUnavailable(f"text kept changing under {TEXT_ATTEMPTS} attempts to save it")
+
+    async def _load_text(self, doc_id: str) -> "_Base":
+        rows = await self._call("load_text", lambda: self._pool.runQuery(_LOAD_TEXT, (doc_id,)))
+        if not rows or not rows[0][0]:
+            return _Base(None, None)
+        crdt, clock = rows[0]
+        try:
+            return _Base(Text(FugueText.parse(crdt), _text_clock(clock)), _digest(crdt))
+        except TextStateError as e:
+            raise StorageRefused(f"the stored text of {doc_id} cannot be read: {e}") from None
 
     def clear(self) -> Deferred:
         return Deferred.fromCoroutine(self._call("clear", lambda: self._pool.runOperation("DELETE FROM documents")))
@@ -324,17 +362,75 @@ def error_text(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def stored_document(state: Any, clock: Any) -> StoredDocument:
+class _TextChanged(Exception):
+    """Another instance stored text since the merge began: read it and merge again."""
+
+
+def _digest(crdt: str) -> str:
+    """What ``synckit_save`` compares the stored text by: PostgreSQL's md5 of the JSON text."""
+    return hashlib.md5(crdt.encode("utf-8")).hexdigest()
+
+
+class _Base(NamedTuple):
+    """Stored text a save merges into: the state (C{None}: none stored), and its stored JSON's digest."""
+
+    text: Optional[Text]
+    digest: Optional[str]
+
+    @classmethod
+    def of(cls, text: Optional[Text]) -> "_Base":
+        """The text the server has confirmed, taken to be stored as we would write it."""
+        return cls(text, _digest(text.state.to_json()) if text is not None else None)
+
+    def merged(self, text: Text) -> Text:
+        """C{text} merged into this (which stays as it was), the larger clock kept."""
+        if self.text is None:
+            return text
+        state = self.text.state.copy()
+        state.merge(text.state)
+        return Text(state, max(self.text.clock, text.clock))
+
+
+def _record(doc: DocumentWrites, base: Optional[_Base], text: Optional[Text]) -> dict[str, Any]:
+    """One document of a save, as ``synckit_save`` takes it."""
+    record: dict[str, Any] = {
+        "id": doc.doc_id,
+        "fields": [{"field": w.field, "value": w.value, "stamp": list(w.stamp)} for w in doc.fields],
+        "ops": [
+            {"writer": op.writer, "kind": op.kind, "operation": op.operation, "op": op.op, "counter": op.counter}
+            for op in doc.ops
+        ],
+        "text": None,
+    }
+    if text is not None and base is not None:
+        state = text.state.to_json()
+        record["text"] = {"base": base.digest, "crdt": state, "content": text.state.text(), "clock": text.clock}
+    return record
+
+
+def _text_clock(value: Any) -> int:
+    """A stored text clock: ours are integers, the reference's may be any JSON number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def stored_document(doc_id: str, state: Any, clock: Any) -> StoredDocument:
     """
     Read a ``documents.state`` written by us or by the reference: ``{"id", "fields"}`` for field
     documents, ``{"type": "text", "crdt", "clock"}`` for text, both in one object when both were
-    written through us, and our ``stamps`` (absent in the reference's rows).
+    written through us, and our ``stamps`` (absent in the reference's rows).  Text that cannot
+    be read is left out, and logged; it stays stored, and saves refuse to write over it.
     """
     state = state if isinstance(state, dict) else {}
     fields = state.get("fields")
     text = None
     if state.get("type") == "text" and state.get("crdt"):
-        text = (state["crdt"], state.get("clock") or 0)
+        try:
+            text = Text(FugueText.parse(state["crdt"]), _text_clock(state.get("clock")))
+        except TextStateError as e:
+            PostgresStorage._log.error("the stored text of {doc} cannot be read: {error}", doc=doc_id, error=e)
     stamps: dict[str, Stamp] = {}
     for name, stamp in (state.get("stamps") or {}).items():
         if isinstance(stamp, list) and len(stamp) == 3:

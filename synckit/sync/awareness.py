@@ -1,21 +1,26 @@
 """
-Presence (awareness), PROTOCOL.md section 4.13: per document, the last state each client id
-published, and the connections that asked to hear about changes.
+Presence (awareness): per document, the last state each client id published, who published it,
+and the connections that hear about changes.
 
-Held in memory only.  A client that stops updating disappears after the timeout: the periodic
-sweep removes it and its subscribers are told (``state: null``).  A disconnect does not remove a
-state, since the server cannot tell which client id was that connection's; it expires instead.
+Held in memory only.  Presence published by a connection of this instance lasts as long as that
+connection: it ends when the connection closes or unsubscribes, never by a timer (SyncKit clients
+do not refresh presence that does not change).  Presence from other instances has no connection
+here to watch, so their owners' instance refreshes it (L{Awareness.refresh}) and it expires when
+the refreshes stop: the instance is gone without a word.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, NamedTuple
+from typing import Any, Hashable, NamedTuple, Optional, Sequence
 
 
 class Presence(NamedTuple):
     state: Any
     clock: Any
+    #: when it was last published (ours) or last heard of (another instance's), ms
     updated_ms: int
+    #: the connection here that published it, or C{None} for another instance's
+    owner: Optional[Hashable]
 
 
 class Awareness:
@@ -32,7 +37,9 @@ class Awareness:
             for client_id, p in self._states.get(doc_id, {}).items()
         ]
 
-    def update(self, doc_id: str, client_id: str, state: Any, clock: Any, now_ms: int) -> set[Hashable]:
+    def update(
+        self, doc_id: str, client_id: str, state: Any, clock: Any, now_ms: int, owner: Optional[Hashable]
+    ) -> set[Hashable]:
         """
         Store (or, for a C{None} state, remove) a client's state, with no clock comparison, as
         the reference does.  Returns the document's subscribers, to be told.
@@ -43,20 +50,46 @@ class Awareness:
                 states.pop(client_id, None)
                 self._forget_if_unused(doc_id)
         else:
-            self._states.setdefault(doc_id, {})[client_id] = Presence(state, clock, now_ms)
+            self._states.setdefault(doc_id, {})[client_id] = Presence(state, clock, now_ms, owner)
         return self._subscribers.get(doc_id, set())
 
+    def owned(self, owner: Hashable, doc_ids: Optional[Sequence[str]]) -> list[tuple[str, str]]:
+        """(document, client id) of the presence C{owner} published, on C{doc_ids} or anywhere."""
+        found = []
+        for doc_id in self._states if doc_ids is None else doc_ids:
+            for client_id, presence in self._states.get(doc_id, {}).items():
+                if presence.owner is owner:
+                    found.append((doc_id, client_id))
+        return found
+
     def expire(self, now_ms: int) -> list[tuple[str, str, set[Hashable]]]:
-        """Remove states older than the timeout; returns (document, client id, subscribers)."""
+        """
+        Remove other instances' states not heard of within the timeout; returns (document,
+        client id, subscribers).
+        """
         expired = []
         cutoff = now_ms - self.timeout_ms
         for doc_id in list(self._states):
             states = self._states[doc_id]
-            for client_id in [c for c, p in states.items() if p.updated_ms < cutoff]:
+            for client_id in [c for c, p in states.items() if p.owner is None and p.updated_ms < cutoff]:
                 del states[client_id]
                 expired.append((doc_id, client_id, self._subscribers.get(doc_id, set())))
             self._forget_if_unused(doc_id)
         return expired
+
+    def refresh(self, now_ms: int) -> list[tuple[str, str, Presence]]:
+        """
+        Our connections' states last published more than half the timeout ago, marked as
+        published now: the caller publishes them again, so that other instances keep them.
+        """
+        cutoff = now_ms - self.timeout_ms // 2
+        due = []
+        for doc_id, states in self._states.items():
+            for client_id, p in states.items():
+                if p.owner is not None and p.updated_ms <= cutoff:
+                    states[client_id] = p._replace(updated_ms=now_ms)
+                    due.append((doc_id, client_id, p))
+        return due
 
     def unsubscribe_all(self, subscriber: Hashable, doc_ids: set[str]) -> None:
         for doc_id in doc_ids:

@@ -1,5 +1,5 @@
 """
-Broadcast batching (PROTOCOL.md section 6.6).
+Broadcast batching.
 
 Written fields are queued per document, each once, in the order they were first written; the
 value sent is the field's value at flush time (the tombstone if it is gone), so a field written
@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from synckit.metrics import Metrics
-from synckit.sync.document import TOMBSTONE
+from synckit.sync.document import TOMBSTONE, Document
 from synckit.sync.registry import DocumentRegistry
 from synckit.wire import Frame, MessageIds
 
@@ -39,6 +39,22 @@ def deliver(frame: Frame, recipients: Iterable[Recipient], exclude: Optional[Rec
             recipient.send(frame)
             sent += 1
     return sent
+
+
+def field_delta(doc: Document, field: str, ids: MessageIds, now: int) -> Frame:
+    """A field's current value as one ``delta`` message (the tombstone once it is deleted)."""
+    return Frame(
+        "delta",
+        now,
+        {
+            "id": ids(now),
+            "documentId": doc.id,
+            "field": field,
+            "value": doc.fields.get(field, TOMBSTONE),
+            "clock": doc.clock,
+            "clientId": "server",
+        },
+    )
 
 
 class Broadcaster:
@@ -86,20 +102,8 @@ class Broadcaster:
         recipients = [s for s in self._registry.subscribers(doc_id) if s.authenticated]
         if doc is None or not recipients:
             return
-        values = doc.fields
         for field in batch:
-            frame = Frame(
-                "delta",
-                now,
-                {
-                    "id": self._ids(now),
-                    "documentId": doc_id,
-                    "field": field,
-                    "value": values.get(field, TOMBSTONE),
-                    "clock": doc.clock,
-                    "clientId": "server",
-                },
-            )
+            frame = field_delta(doc, field, self._ids, now)
             for recipient in recipients:
                 recipient.send(frame)
         self._metrics.fanout.observe(len(recipients))

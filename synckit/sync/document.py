@@ -1,14 +1,19 @@
 """
-One document: a flat map of fields with per-field last-writer-wins, and a vector clock.
+One document: a flat map of fields with per-field last-writer-wins, a vector clock, and the
+text CRDT state that SyncText and RichText clients share.
 
-PROTOCOL.md section 6.  The reference compares writes by (server time, writer's counter,
-writer id), and because it processes writes one after another, the effective rule is "the write
-the server processes later wins" except for ties inside one millisecond, where a later write can
-lose to an earlier one with a higher counter.  We keep the same triple but stamp each local write
-with a hybrid logical time (at least the current millisecond, and strictly later than the stamp it
-replaces), so a write processed later always wins, even inside one millisecond.  Stamps from
-another instance (pub/sub) are compared with the same triple, so every instance orders the same
-pair of writes the same way.
+The reference compares writes by (server time, writer's counter, writer id), and because it
+processes writes one after another, the effective rule is "the write the server processes later
+wins" except for ties inside one millisecond, where a later write can lose to an earlier one with
+a higher counter.  We keep the same triple but stamp each local write with a hybrid logical time
+(at least the current millisecond, and strictly later than any stamp the field has had or has
+been promised), so a write processed later always wins, even inside one millisecond.  Stamps from
+another instance (pub/sub) or from storage are compared with the same triple, so every instance
+orders the same pair of writes the same way.
+
+A document only ever shows what storage has confirmed (see L{synckit.sync.engine}): a local
+write is first given its stamps (L{Document.stamp}, which changes nothing visible), saved, and
+only then merged in by L{Document.merge}, the same merge that applies other instances' writes.
 
 Deleted fields leave the visible map at once; their stamp is kept so that a delayed remote write
 older than the delete cannot bring them back.
@@ -16,7 +21,9 @@ older than the delete cannot bring them back.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
+
+from synckit.sync.fugue import FugueText
 
 #: The value a client writes to delete a field, and the value broadcast when a delete wins.
 TOMBSTONE: dict[str, bool] = {"__deleted": True}
@@ -24,11 +31,7 @@ TOMBSTONE: dict[str, bool] = {"__deleted": True}
 #: (server ms, writer's counter after this write, writer id): compared as a tuple.
 Stamp = tuple[int, int, str]
 
-#: A field's stamp and value before a write, for L{Document.undo}; the value may be _ABSENT.
-Prior = tuple[Optional[Stamp], Any]
-_ABSENT = object()
-
-#: Stamp of a field restored from storage: any new write beats it (PROTOCOL.md section 6.8).
+#: Stamp of a field restored from storage without one: any new write beats it.
 RESTORED: Stamp = (0, 0, "storage")
 
 
@@ -43,36 +46,50 @@ def is_tombstone(value: Any) -> bool:
 MAX_COUNTER = 2**53 - 1
 
 
-def merge_clock(into: dict[str, int], other: Any) -> None:
+def merge_clock(into: dict[str, int], other: Any) -> bool:
     """
     Element-wise maximum of C{other} into C{into}.  Entries that are not integers from 0 to
-    L{MAX_COUNTER} are ignored (PROTOCOL.md R-3), as is anything that is not an object.
+    L{MAX_COUNTER} are ignored, as is anything that is not an object.
+
+    @return: whether C{into} changed.
     """
     if not isinstance(other, dict):
-        return
+        return False
+    changed = False
     for key, value in other.items():
         if type(value) is int and 0 <= value <= MAX_COUNTER and value > into.get(key, -1):
             into[key] = value
+            changed = True
+    return changed
+
+
+class Text(NamedTuple):
+    """A document's text: the Fugue CRDT state and the text clock (ms, an integer)."""
+
+    state: FugueText
+    clock: int
 
 
 class Document:
     """
-    The live state of one document.
+    The live, confirmed state of one document.
 
     @ivar fields: visible field values; deleted fields are absent, C{None} is a value.
     @ivar clock: the document's vector clock, writer id -> counter.
     @ivar last_modified: client-supplied timestamp (ms) of the last write, for C{/health}.
-    @ivar text: text-CRDT state C{(crdt JSON string, clock)} or C{None}.
+    @ivar text: the text CRDT state, or C{None} if no text was ever written.
+    @ivar stale: storage may hold writes this object lacks (a save whose outcome is unknown):
+        it must be re-read before it is served again.
     """
 
-    __slots__ = ("id", "fields", "clock", "last_modified", "text", "_stamps")
+    __slots__ = ("id", "fields", "clock", "last_modified", "text", "stale", "_stamps", "_promised")
 
     def __init__(
         self,
         doc_id: str,
         fields: Optional[Mapping[str, Any]] = None,
         clock: Optional[Mapping[str, int]] = None,
-        text: Optional[tuple[str, float]] = None,
+        text: Optional[Text] = None,
         stamps: Optional[Mapping[str, Stamp]] = None,
     ) -> None:
         self.id = doc_id
@@ -80,71 +97,71 @@ class Document:
         self.clock: dict[str, int] = dict(clock or {})
         self.last_modified: Optional[int] = None
         self.text = text
+        self.stale = False
         self._stamps: dict[str, Stamp] = {name: RESTORED for name in self.fields}
         self._stamps.update(stamps or {})
+        #: the latest stamp given to a write of each field that is still being saved
+        self._promised: dict[str, Stamp] = {}
 
-    def write(self, field: str, value: Any, writer: str, now_ms: int) -> tuple[Any, Stamp]:
+    def stamp(self, field: str, writer: str, counter: int, now_ms: int) -> Stamp:
         """
-        Apply a write by local connection C{writer}: tick its clock entry, stamp it later than
-        the value it replaces, and store it (a tombstone deletes).
-
-        @return: the authoritative value to broadcast (C{TOMBSTONE} for a delete) and the stamp.
+        The stamp for a new local write of C{field}: later than the field's stamp and than any
+        stamp already promised to a write still being saved, so that of two writes the one
+        processed later wins whichever is saved first.  Nothing visible changes.
         """
-        counter = self.clock.get(writer, 0) + 1
-        self.clock[writer] = counter
-        previous = self._stamps.get(field)
-        ts = now_ms if previous is None or previous[0] < now_ms else previous[0] + 1
+        previous = max(self._stamps.get(field, RESTORED), self._promised.get(field, RESTORED))
+        ts = now_ms if previous[0] < now_ms else previous[0] + 1
         stamp = (ts, counter, writer)
-        return self._store(field, value, stamp), stamp
+        self._promised[field] = stamp
+        return stamp
 
-    def undo(self, field: str, stamp: Stamp, prior: "Prior") -> None:
-        """
-        Take back the write stamped C{stamp} (one that could not be saved), restoring C{prior},
-        unless a later write has replaced it since.
-        """
-        if self._stamps.get(field) != stamp:
-            return
-        prior_stamp, prior_value = prior
-        if prior_stamp is None:
-            del self._stamps[field]
-        else:
-            self._stamps[field] = prior_stamp
-        if prior_value is _ABSENT:
-            self.fields.pop(field, None)
-        else:
-            self.fields[field] = prior_value
-
-    def prior(self, field: str) -> "Prior":
-        """What L{undo} needs to restore C{field} as it is now."""
-        return self._stamps.get(field), self.fields.get(field, _ABSENT)
+    def settle(self, field: str, stamp: Stamp) -> None:
+        """The write stamped C{stamp} was saved, or failed: it need not be outbid any more."""
+        if self._promised.get(field) == stamp:
+            del self._promised[field]
 
     def merge(self, field: str, value: Any, stamp: Stamp) -> bool:
         """
-        Apply a write made elsewhere (another instance) if it is newer than what is stored.
+        Apply a confirmed write (ours once saved, another instance's, or storage's) if it is
+        newer than what is shown.
 
-        @return: whether it was applied (else the stored value won).
+        @return: whether it was applied (else the shown value won).
         """
         previous = self._stamps.get(field)
         if previous is not None and previous >= stamp:
             return False
-        self._store(field, value, stamp)
-        return True
-
-    def _store(self, field: str, value: Any, stamp: Stamp) -> Any:
         self._stamps[field] = stamp
         if is_tombstone(value):
             self.fields.pop(field, None)
-            return TOMBSTONE
-        self.fields[field] = value
-        return value
+        else:
+            self.fields[field] = value
+        return True
 
-    def merge_clock(self, other: Any) -> None:
-        merge_clock(self.clock, other)
+    def merge_clock(self, other: Any) -> bool:
+        return merge_clock(self.clock, other)
+
+    def merge_text(self, text: Text) -> bool:
+        """
+        Merge confirmed text state in (the Fugue merge is commutative and idempotent, so the
+        order in which saves and other instances' publications arrive does not matter).  The
+        document takes C{text} over: the caller must not change it afterwards.
+
+        @return: whether the text state changed.
+        """
+        if self.text is None:
+            self.text = text
+            return True
+        changed = self.text.state.merge(text.state)
+        if text.clock > self.text.clock:
+            self.text = Text(self.text.state, text.clock)
+        return changed
 
     def reset(self) -> None:
         """Forget all state (the test reset endpoint), keeping the object its subscribers hold."""
         self.fields = {}
         self._stamps = {}
+        self._promised = {}
         self.clock = {}
         self.last_modified = None
         self.text = None
+        self.stale = False

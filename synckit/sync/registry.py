@@ -1,15 +1,17 @@
 """
 The document registry: which documents are cached, and which connections subscribe to each.
 
-Documents load lazily from storage and stay cached, least recently used first out, up to a bound
-(PROTOCOL.md section 6.8).  A document with subscribers is never evicted.  Concurrent opens of a
-document that is still loading share one load, so every connection mutates the same object.
+Documents load lazily from storage and stay cached, least recently used first out, up to a bound.
+A document with subscribers is never evicted.  Concurrent opens of a document that is still
+loading share one load, so every connection sees the same object.  A cached document marked stale
+(storage may hold writes it lacks) is re-read, and what storage holds merged into it, before it
+is served again.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Iterator, Optional
+from typing import Callable, Hashable, Iterator, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -23,9 +25,20 @@ from synckit.sync.document import Document
 class DocumentRegistry:
     _log = Logger()
 
-    def __init__(self, storage: IStorage, watches: Watches, capacity: int = 1000) -> None:
+    def __init__(
+        self,
+        storage: IStorage,
+        watches: Watches,
+        merge_stored: Callable[[Document, StoredDocument], None],
+        capacity: int = 1000,
+    ) -> None:
+        """
+        @param merge_stored: merges a re-read into a stale cached document (and tells its
+            subscribers what changed).
+        """
         self._storage = storage
         self._watches = watches
+        self._merge_stored = merge_stored
         self._capacity = capacity
         self._docs: OrderedDict[str, Document] = OrderedDict()
         self._loading: dict[str, list[Deferred]] = {}
@@ -36,7 +49,8 @@ class DocumentRegistry:
         doc = self._docs.get(doc_id)
         if doc is not None:
             self._docs.move_to_end(doc_id)
-            return succeed(doc)
+            if not doc.stale:
+                return succeed(doc)
         d: Deferred = Deferred()
         waiters = self._loading.setdefault(doc_id, [])
         waiters.append(d)
@@ -47,13 +61,19 @@ class DocumentRegistry:
         return d
 
     def _loaded(self, stored: Optional[StoredDocument], doc_id: str) -> None:
-        if stored is None:
-            doc = Document(doc_id)
+        doc = self._docs.get(doc_id)
+        if doc is not None:  # a stale one, re-read
+            if stored is not None:
+                self._merge_stored(doc, stored)
+            doc.stale = False
         else:
-            doc = Document(doc_id, stored.fields, stored.clock, stored.text, stored.stamps)
-        self._docs[doc_id] = doc
-        self._watches.watch(doc_id)
-        self._evict(keep=doc_id)
+            if stored is None:
+                doc = Document(doc_id)
+            else:
+                doc = Document(doc_id, stored.fields, stored.clock, stored.text, stored.stamps)
+            self._docs[doc_id] = doc
+            self._watches.watch(doc_id)
+            self._evict(keep=doc_id)
         for waiter in self._loading.pop(doc_id):
             waiter.callback(doc)
 
@@ -104,7 +124,6 @@ class DocumentRegistry:
 
     def subscribers(self, doc_id: str) -> set[Hashable]:
         return self._subscribers.get(doc_id, set())
-
 
     def clear(self) -> Deferred:
         """

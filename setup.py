@@ -16,10 +16,10 @@ setup(
         "console_scripts": ["synckit-migrate = synckit.migrate:main", "synckit-bench = synckit.bench.cli:main"]
     },
     install_requires=[
-        "twisted>=24.3",
+        "twisted[tls]>=24.3",  # TLS for fetching an identity provider's JWKS over https
         "autobahn>=26.10.2",  # enforces the message size limit after decompression
         "orjson>=3.9",
-        "pyjwt>=2.8",
+        "pyjwt[crypto]>=2.8",  # RS256, ES256 and EdDSA identity-provider tokens
         "cbor2>=5.4",
         "prometheus-client>=0.20",
         "txredisapi>=1.6",

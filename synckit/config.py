@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 DEFAULT_JWT_SECRET = "development-secret-do-not-use-in-production"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,19 @@ class Config:
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
     echo_endpoint: bool = False
+    demo_login: bool = False
+    jwt_public_key_file: Optional[str] = None
+    jwks_url: Optional[str] = None
+    jwt_issuer: Optional[str] = None
+    jwt_audience: tuple[str, ...] = ()
+    jwt_leeway: int = 0
+    jwt_user_claim: tuple[str, ...] = ("userId", "sub")
+    jwt_permissions_claim: str = "permissions"
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    max_http_connections_per_ip: int = 50
+    http_header_timeout: int = 10_000
+    http_idle_timeout: int = 60_000
+    max_http_body_size: int = 64 * 1024
 
 
 # Parsers: text -> value, raising ValueError with a short reason.
@@ -109,6 +125,40 @@ def _url(*schemes: str) -> Callable[[str], str]:
 
 def _words(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in text.split(",") if w.strip())
+
+
+def _some_words(text: str) -> tuple[str, ...]:
+    """A list that, unlike api-keys, is set only to say something: blank is a mistake."""
+    words = _words(text)
+    if not words:
+        raise ValueError("must not be empty")
+    return words
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated addresses or CIDR blocks; an address is a block of one."""
+    networks = []
+    for word in _some_words(text):
+        try:
+            networks.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise ValueError(f"'{word}' is not an IP address or CIDR block") from None
+    return tuple(networks)
+
+
+def _public_key_file(text: str) -> str:
+    """
+    A PEM public key file, read and parsed now so that a missing, unreadable or wrong file stops
+    the server before it listens rather than failing every login.
+    """
+    from synckit.auth import load_public_key
+
+    path = text.strip()
+    try:
+        load_public_key(path)
+    except OSError as e:
+        raise ValueError(e.strerror) from None
+    return path
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -188,6 +238,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_port", "SYNCKIT_METRICS_PORT", _integer(0, 65535), "serve /metrics on this port (and not on the main one); unset: on the main port"),
     Setting("metrics_host", "SYNCKIT_METRICS_HOST", _text, "address of the separate /metrics listener"),
     Setting("echo_endpoint", "SYNCKIT_ECHO_ENDPOINT", _boolean, "serve a plain WebSocket echo at /echo, for benchmarking the WebSocket layer"),
+    Setting("demo_login", "SYNCKIT_DEMO_LOGIN", _boolean, "serve the reference demo's POST /auth/login and /auth/refresh, which sign any permissions asked for, administrator included (demos only)"),
+    Setting("jwt_public_key_file", "SYNCKIT_JWT_PUBLIC_KEY_FILE", _public_key_file, "PEM public key (RSA: RS256, EC: ES256/384/512, Ed25519: EdDSA) that also verifies tokens without a kid; unset: none"),
+    Setting("jwks_url", "SYNCKIT_JWKS_URL", _url("https", "http"), "identity provider's JWKS URL; tokens with a kid are verified with its keys; unset: none"),
+    Setting("jwt_issuer", "SYNCKIT_JWT_ISSUER", _text, "required iss claim of every token; unset: not checked"),
+    Setting("jwt_audience", "SYNCKIT_JWT_AUDIENCE", _some_words, "comma-separated audiences, one of which the aud claim must hold; unset: not checked"),
+    Setting("jwt_leeway", "SYNCKIT_JWT_LEEWAY", _integer(0, 3600), "seconds of clock skew allowed on exp and nbf"),
+    Setting("jwt_user_claim", "SYNCKIT_JWT_USER_CLAIM", _some_words, "claims tried in order for the user id"),
+    Setting("jwt_permissions_claim", "SYNCKIT_JWT_PERMISSIONS_CLAIM", _text, "claim holding {canRead, canWrite, isAdmin}"),
+    Setting("trusted_proxies", "SYNCKIT_TRUSTED_PROXIES", _networks, "comma-separated addresses or CIDR blocks of reverse proxies whose X-Forwarded-For and X-Real-IP are believed; unset: none"),
+    Setting("max_http_connections_per_ip", "SYNCKIT_MAX_HTTP_CONNECTIONS_PER_IP", _integer(1), "open connections per peer address not upgraded to WebSocket (trusted proxies exempt)"),
+    Setting("http_header_timeout", "SYNCKIT_HTTP_HEADER_TIMEOUT", _integer(100), "ms a connection has to send a request's complete headers, from its start or the previous response"),
+    Setting("http_idle_timeout", "SYNCKIT_HTTP_IDLE_TIMEOUT", _integer(100), "ms after which a silent HTTP connection is closed"),
+    Setting("max_http_body_size", "SYNCKIT_MAX_HTTP_BODY_SIZE", _integer(0), "largest HTTP request body accepted, in bytes; larger ones are refused with 413 before they are read"),
 )  # fmt: skip
 
 _BY_OPTION = {s.option: s for s in SETTINGS}

@@ -73,12 +73,12 @@ def writable_document(session: Session, message: Message) -> str:
 # Authentication
 
 
-def on_auth(session: Session, message: Message) -> None:
+async def on_auth(session: Session, message: Message) -> None:
     server = session.server
     token, api_key = message.get("token"), message.get("apiKey")
     if token:
         try:
-            identity = server.tokens.identity(token)
+            identity = await server.tokens.authenticate(token)
         except InvalidToken:
             _auth_failed(session)
             return

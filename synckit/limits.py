@@ -1,5 +1,6 @@
 """
-Connection and message limits (PROTOCOL.md sections 8.1 and 8.2).
+Connection and message limits (PROTOCOL.md sections 8.1 and 8.2; docs/security.md), and who the
+client is when it comes through a reverse proxy.
 
 The reference re-scans a list of timestamps on every message, which is O(n) in the limit; ours
 counts accepted messages in one-second buckets over a sliding minute: O(1) per message and at most
@@ -8,6 +9,42 @@ counts accepted messages in one-second buckets over a sliding minute: O(1) per m
 
 from __future__ import annotations
 
+import ipaddress
+from typing import Optional, Sequence
+
+from synckit.config import IPNetwork
+
+
+def is_trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
+    """Whether C{address} is in one of C{proxies}; an IPv4 address mapped into IPv6 counts as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in proxies)
+
+
+def forwarded_client(
+    peer: str, forwarded_for: Optional[str], real_ip: Optional[str], proxies: Sequence[IPNetwork]
+) -> str:
+    """
+    The client's address.  Headers are believed only from a trusted proxy, as anyone can send
+    them: otherwise a client picks its own address, escapes the per-address limits and can
+    have another address locked out.  From a trusted proxy, it is the right-most
+    C{X-Forwarded-For} entry that is not itself a trusted proxy (each proxy appends the address
+    it saw, so entries to its left are the client's to write), else C{X-Real-IP}.
+    """
+    if not proxies or not is_trusted(peer, proxies):
+        return peer
+    hops = [hop.strip() for hop in (forwarded_for or "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not is_trusted(hop, proxies):
+            return hop
+    if hops:
+        return hops[0]
+    return real_ip.strip() if real_ip and real_ip.strip() else peer
 
 
 class RateLimiter:

@@ -43,7 +43,7 @@ class SyncServer:
         self.engine = SyncEngine(
             clock, storage, pubsub, self.metrics, self.ids, self.tasks, config.document_cache_size, config.awareness_timeout
         )
-        self.tokens = Tokens(config.jwt_secret, config.jwt_expires_in, config.jwt_refresh_expires_in, clock)
+        self.tokens = Tokens.from_config(config, clock)
         self.connections = ConnectionLimiter(config.max_connections_per_ip, config.max_connections)
         self.sessions: set[Session] = set()
         self.started = clock.seconds()
@@ -102,12 +102,13 @@ class SyncServer:
     # Housekeeping and shutdown
 
     def housekeeping(self) -> None:
-        """Presence expiry and refresh, and stale chunk sets (every few seconds)."""
+        """Presence expiry and refresh, stale chunk sets, expired tokens (every few seconds)."""
         self.engine.housekeeping()
         seconds = self.clock.seconds()
-        for session in self.sessions:
+        for session in list(self.sessions):
             if session.chunks:
                 session.chunks.expire(seconds)
+            session.expired(seconds)
 
     def when_idle(self) -> Deferred:
         """Fires when no connection is open."""

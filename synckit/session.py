@@ -121,6 +121,19 @@ class Session:
             raise Reject("Not authenticated")
         return self.identity
 
+    def expired(self, now: float) -> bool:
+        """
+        Whether the token this session authenticated with has expired; if so the session is
+        closed (1008).  Checked before each message and by the server's housekeeping, so an idle
+        connection stops receiving updates too; a client reconnects with a fresh token.
+        """
+        identity = self.identity
+        if identity is None or identity.expires_at is None or now < identity.expires_at:
+            return False
+        self.error("Token expired", {"code": "AUTH_REQUIRED"})
+        self.close(1008, "Token expired")
+        return True
+
     def subscribe(self, doc_id: str) -> None:
         # A handler that waited on storage may finish after the connection closed: a closed
         # session must not become a subscriber again, or it would never be removed.
@@ -211,7 +224,10 @@ class Session:
         return self.server.ids(self.server.now_ms())
 
     def _dispatch(self, message: wire.Message, size: int) -> Optional[Deferred]:
-        if not self._rate.allow(self.server.clock.seconds()):
+        now = self.server.clock.seconds()
+        if self.expired(now):
+            return None
+        if not self._rate.allow(now):
             self.server.metrics.rate_limited += 1
             self.error("Too many messages. Please slow down.", {"code": "RATE_LIMIT_EXCEEDED"})
             return None

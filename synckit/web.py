@@ -1,31 +1,47 @@
 """
 The HTTP side of the one listening port (PROTOCOL.md sections 1.2 and 1.3): ``/ws`` for
 WebSockets, ``/``, ``/health`` and ``/health/ready``, the ``/auth`` routes, ``/rooms``, and, only when switched on,
-``POST /_test/clear``.  Every response carries the reference's CORS and security headers.
+``POST /_test/clear`` and the demo's ``/auth/login`` and ``/auth/refresh``.  Every response carries the
+reference's CORS and security headers.
+
+The port is guarded before any of that (docs/security.md): connections per peer address not
+upgraded to WebSocket are capped, a request's headers must arrive within a deadline, and a body
+larger than the cap is refused from its ``Content-Length`` before a byte of it is read.
 """
 
 from __future__ import annotations
 
 import datetime
-from typing import Any, Callable, Optional
+import hmac
+from typing import Any, Callable, Optional, Sequence, Union
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from synckit import __version__
 from synckit.auth import InvalidToken
-from synckit.config import Config
+from synckit.config import Config, IPNetwork
+from synckit.limits import forwarded_client, is_trusted
 from synckit.metrics import Metrics
 from synckit.server import SyncServer
 from synckit.upgrade import UpgradeRouter
 from synckit.websocket import SyncFactory, echo_factory
+
+#: the header that unlocks /health's per-document details: one of the configured api-keys
+API_KEY_HEADER = b"X-API-Key"
+
+#: what a route handler answers: (status, JSON body), now or later
+Answer = Union[tuple[int, Any], "Deferred[tuple[int, Any]]"]
 
 SECURITY_HEADERS = {
     b"Content-Security-Policy": (
@@ -65,17 +81,179 @@ class SyncKitRequest(Request):
             self.setHeader(name, value)
         super().process()
 
+    def client_address(self) -> str:
+        """The client's address: the peer's, or what a trusted proxy forwarded."""
+        peer = getattr(self.getClientAddress(), "host", "unknown")
+        forwarded = self.requestHeaders.getRawHeaders(b"X-Forwarded-For")
+        return forwarded_client(
+            peer,
+            b",".join(forwarded).decode("latin-1") if forwarded else None,
+            (self.getHeader(b"X-Real-IP") or b"").decode("latin-1"),
+            self.channel.site.trusted_proxies,
+        )
+
+
+class LimitedChannel(HTTPChannel):
+    """
+    An HTTP connection with a deadline for each request's headers and a cap on its body.
+
+    Twisted's idle timeout starts again on every byte, so a client that trickles one header byte
+    every few seconds would hold its connection, and a file descriptor, for ever.  The header
+    clock runs from the connection's start, and again from the end of each response on a kept-
+    alive connection, until the blank line that ends the headers.  A body is refused from its
+    declared length, before it is read; a body without one (chunked) is refused too, as its
+    size would only be known by reading it, and no route takes one.
+    """
+
+    _log = Logger()
+    site: "SyncKitSite"
+    _header_clock: Optional[IDelayedCall] = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_header_clock()
+
+    def _start_header_clock(self) -> None:
+        self._header_clock = self.callLater(self.site.header_timeout, self._headers_too_slow)
+
+    def _stop_header_clock(self) -> None:
+        if self._header_clock is not None and self._header_clock.active():
+            self._header_clock.cancel()
+        self._header_clock = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_clock = None
+        self._log.info("closed a connection from {peer}: no complete request headers in time", peer=self._peer())
+        self.transport.abortConnection()
+
+    def _peer(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "unknown")
+
+    def allHeadersReceived(self) -> None:
+        self._stop_header_clock()
+        request = self.requests[-1]
+        if self.length is None:
+            self._refuse(411, b"Length Required", "A request body needs a Content-Length")
+        elif self.length > self.site.max_body_size:
+            self._log.info(
+                "refused a request body of {size} bytes from {client}", size=self.length, client=request.client_address()
+            )
+            self._refuse(413, b"Payload Too Large", f"Request body larger than {self.site.max_body_size} bytes")
+        else:
+            super().allHeadersReceived()
+
+    def _refuse(self, code: int, phrase: bytes, error: str) -> None:
+        """Answer and close, leaving the body unread (the connection cannot be reused after it)."""
+        body = orjson.dumps({"error": error})
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        self.transport.write(head % (code, phrase, len(body)) + body)
+        self.loseConnection()
+
+    def requestDone(self, request: Request) -> None:
+        if self.persistent:
+            # before the base class parses a request the client may already have sent
+            self._start_header_clock()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_header_clock()
+        super().connectionLost(reason)
+
 
 class SyncKitSite(Site):
     requestFactory = SyncKitRequest
+    protocol = LimitedChannel
     displayTracebacks = False
 
-    def __init__(self, root: Resource, cors_origin: bytes) -> None:
-        super().__init__(root)
+    def __init__(
+        self,
+        root: Resource,
+        cors_origin: bytes,
+        reactor: Any = None,
+        *,
+        trusted_proxies: Sequence[IPNetwork] = (),
+        header_timeout: float = 10.0,
+        idle_timeout: float = 60.0,
+        max_body_size: int = 64 * 1024,
+    ) -> None:
+        super().__init__(root, timeout=idle_timeout, reactor=reactor)
         self.cors_origin = cors_origin
+        self.trusted_proxies = tuple(trusted_proxies)
+        self.header_timeout = header_timeout
+        self.max_body_size = max_body_size
 
     def log(self, request: Request) -> None:
         """No access log: health checks poll every 100 ms, and a reverse proxy logs requests."""
+
+
+class _Counted(ProtocolWrapper):
+    """
+    One connection on the port, counted against its peer address until it becomes a WebSocket.
+
+    The router hands a connection over by setting its transport's C{protocol}, as on a TCP
+    connection; this wrapper is the transport the router sees, so here that makes the new
+    protocol the wrapped one.
+    """
+
+    factory: "PerAddressLimit"
+    #: the peer address this connection is counted against, or C{None} once it is not
+    address: Optional[str] = None
+
+    @property
+    def protocol(self) -> IProtocol:
+        return self.wrappedProtocol
+
+    @protocol.setter
+    def protocol(self, protocol: IProtocol) -> None:
+        self.wrappedProtocol = protocol
+        if isinstance(protocol, WebSocketServerProtocol):
+            # WebSockets are counted, by client address, by the server's ConnectionLimiter.
+            self.factory.release(self)
+
+
+class PerAddressLimit(WrappingFactory):
+    """
+    The listening port's factory: at most C{per_address} connections at once from one peer
+    address that are not WebSockets (plain HTTP, or not yet past their first read), so that one
+    host cannot use up the process's file descriptors with connections that never finish a
+    request.  Over the cap, the connection is closed at once, before anything is read.  Trusted
+    proxies are exempt: every client behind them shares their address.
+    """
+
+    protocol = _Counted
+
+    def __init__(self, router: UpgradeRouter, per_address: int, exempt: Sequence[IPNetwork] = ()) -> None:
+        super().__init__(router)
+        self.site = router.site
+        self._per_address = per_address
+        self._exempt = tuple(exempt)
+        self._open: dict[str, int] = {}
+
+    def buildProtocol(self, addr: IAddress) -> Optional[_Counted]:  # type: ignore[override]
+        host: Optional[str] = getattr(addr, "host", None)
+        if host is not None and not is_trusted(host, self._exempt):
+            if self._open.get(host, 0) >= self._per_address:
+                return None
+            self._open[host] = self._open.get(host, 0) + 1
+        else:
+            host = None
+        protocol = super().buildProtocol(addr)
+        protocol.address = host
+        return protocol
+
+    def unregisterProtocol(self, protocol: _Counted) -> None:  # type: ignore[override]
+        self.release(protocol)
+        super().unregisterProtocol(protocol)
+
+    def release(self, protocol: _Counted) -> None:
+        """Stop counting C{protocol}'s connection."""
+        host, protocol.address = protocol.address, None
+        if host is not None:
+            count = self._open[host] - 1
+            if count:
+                self._open[host] = count
+            else:
+                del self._open[host]
 
 
 def json_body(request: Request, value: Any, code: int = 200) -> bytes:
@@ -132,31 +310,47 @@ class Health(JsonResource):
     """
     Always 200 while the process lives; cheap, never rate-limited (pollers hit it often).
     ``/health/ready`` below it checks the backends.
+
+    Anonymous callers get counts only.  The reference lists every cached document with its
+    client-supplied ``lastModified``, which made an anonymous request cost as much as the
+    documents' ids and timestamps weigh (hundreds of megabytes) and told anyone which documents
+    exist; that list is kept for a caller with an API key in ``X-API-Key``, and for the metrics
+    listener (C{detailed}), which is not meant to be public.
     """
 
     isLeaf = False
 
-    def __init__(self, server: SyncServer) -> None:
+    def __init__(self, server: SyncServer, api_keys: Sequence[str], detailed: bool = False) -> None:
         super().__init__()
         self._server = server
+        self._api_keys = [key.encode("utf-8") for key in api_keys]
+        self._detailed = detailed
         self.putChild(b"ready", Ready(server))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self if path == b"" else NotFound()
 
+    def _authorized(self, request: Request) -> bool:
+        given = request.getHeader(API_KEY_HEADER)
+        # every key compared, in constant time, so timing tells nothing about any of them
+        return given is not None and sum(hmac.compare_digest(given, key) for key in self._api_keys) > 0
+
     def render_GET(self, request: Request) -> bytes:
-        now = self._server.clock.seconds()
+        server = self._server
+        now = server.clock.seconds()
         stamp = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
-        return json_body(
-            request,
-            {
-                "status": "healthy",
-                "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z",
-                "version": __version__,
-                "uptime": now - self._server.started,
-                **self._server.stats(),
-            },
-        )
+        body: dict[str, Any] = {
+            "status": "healthy",
+            "timestamp": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z",
+            "version": __version__,
+            "uptime": now - server.started,
+        }
+        if self._detailed or self._authorized(request):
+            body.update(server.stats())
+        else:
+            body["connections"] = {"totalConnections": len(server.sessions)}
+            body["documents"] = {"totalDocuments": len(server.engine.registry)}
+        return json_body(request, body)
 
 
 class Rooms(JsonResource):
@@ -190,26 +384,47 @@ class Rooms(JsonResource):
 
 
 class AuthRoute(JsonResource):
-    """One ``/auth/*`` route: a function of (server, request, JSON body) -> (status, body)."""
+    """
+    One ``/auth/*`` route: a function of (server, request, JSON body) -> (status, body), or a
+    Deferred of it when checking a token may need the identity provider's keys fetched.
+    """
 
-    def __init__(self, server: SyncServer, method: bytes, handler: Callable[..., tuple[int, Any]]) -> None:
+    _log = Logger()
+
+    def __init__(self, server: SyncServer, method: bytes, handler: Callable[..., Answer]) -> None:
         super().__init__()
         self._server = server
         self._method = method
         self._handler = handler
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> Any:
         if request.method != self._method:
             return json_body(request, {"error": "Method Not Allowed"}, 405)
         body = read_json(request) if self._method == b"POST" else {}
         if body is None:
             return json_body(request, {"error": "Request body must be a JSON object"}, 400)
-        code, value = self._handler(self._server, request, body)
+        answer = self._handler(self._server, request, body)
+        if isinstance(answer, Deferred):
+            answer.addCallbacks(lambda a: finish_json(request, a[1], a[0]), self._failed, errbackArgs=(request,))
+            return NOT_DONE_YET
+        code, value = answer
         return json_body(request, value, code)
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        self._log.failure("{path} failed", failure, path=request.path)
+        finish_json(request, {"error": "Internal server error"}, 500)
+
+
+def _token_refused(failure: Failure, answer: tuple[int, Any]) -> tuple[int, Any]:
+    failure.trap(InvalidToken)
+    return answer
 
 
 def login(server: SyncServer, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
-    """Any email and password are accepted: this is the reference's demo login."""
+    """
+    Any email and password are accepted, and any permissions asked for are signed, an
+    administrator's included: this is the reference's demo login, served only with demo-login.
+    """
     email, password = body.get("email"), body.get("password")
     if not email or not password:
         return 400, {"error": "Email and password required"}
@@ -227,49 +442,56 @@ def login(server: SyncServer, request: Request, body: dict[str, Any]) -> tuple[i
         "userId": user_id,
         "email": email,
         "accessToken": server.tokens.access_token(user_id, email, permissions),
-        "refreshToken": server.tokens.refresh_token(user_id),
+        "refreshToken": server.tokens.refresh_token(user_id, email, permissions),
         "permissions": permissions,
     }
 
 
 def refresh(server: SyncServer, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
+    """
+    A refresh token, once, for a new pair.  Unlike the reference, an access token is refused,
+    and the permissions are the ones the refresh token was issued with, never a caller's.
+    """
     token = body.get("refreshToken")
     if not token:
         return 400, {"error": "Refresh token required"}
     try:
-        claims = server.tokens.verify(token)
+        claims = server.tokens.redeem(token)
     except InvalidToken:
         return 401, {"error": "Invalid or expired refresh token"}
-    user_id = claims.get("userId")
+    user_id, email, permissions = claims.get("userId"), claims.get("email") or "", claims.get("permissions")
     return 200, {
-        "accessToken": server.tokens.access_token(user_id, claims.get("email") or "", claims.get("permissions")),
-        "refreshToken": server.tokens.refresh_token(user_id),
+        "accessToken": server.tokens.access_token(user_id, email, permissions),
+        "refreshToken": server.tokens.refresh_token(user_id, email, permissions),
     }
 
 
-def me(server: SyncServer, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
+def me(server: SyncServer, request: Request, body: dict[str, Any]) -> Answer:
     header = request.getHeader(b"Authorization")
     if not header:
         return 401, {"error": "Missing Authorization header"}
     scheme, _, token = header.decode("latin-1").partition(" ")
     if scheme != "Bearer" or not token:
         return 401, {"error": "Invalid Authorization header format"}
-    try:
-        claims = server.tokens.verify(token)
-    except InvalidToken:
-        return 401, {"error": "Invalid or expired token"}
-    return 200, {"userId": claims.get("userId"), "email": claims.get("email"), "permissions": claims.get("permissions")}
+
+    def found(claims: dict[str, Any]) -> tuple[int, Any]:
+        identity = server.tokens.identity_from(claims)
+        return 200, {"userId": identity.user_id, "email": claims.get("email"), "permissions": identity.permissions_claim}
+
+    d = server.tokens.verify_fetching(token).addCallback(found)
+    return d.addErrback(_token_refused, (401, {"error": "Invalid or expired token"}))
 
 
-def verify(server: SyncServer, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
+def verify(server: SyncServer, request: Request, body: dict[str, Any]) -> Answer:
     token = body.get("token")
     if not token:
         return 400, {"error": "Token required"}
-    try:
-        claims = server.tokens.verify(token)
-    except InvalidToken:
-        return 200, {"valid": False}
-    return 200, {"valid": True, "userId": claims.get("userId"), "expiresAt": claims.get("exp")}
+
+    def found(claims: dict[str, Any]) -> tuple[int, Any]:
+        return 200, {"valid": True, "userId": server.tokens.identity_from(claims).user_id, "expiresAt": claims.get("exp")}
+
+    d = server.tokens.verify_fetching(token).addCallback(found)
+    return d.addErrback(_token_refused, (200, {"valid": False}))
 
 
 def finish_json(request: Request, value: Any, code: int = 200) -> None:
@@ -293,9 +515,15 @@ class MetricsPage(Resource):
         return generate_latest(self._metrics.registry)
 
 
-def metrics_site(metrics: Metrics) -> Site:
-    """The separate metrics listener's site: ``/metrics`` and nothing else."""
-    site = Site(Folder({b"metrics": MetricsPage(metrics)}))
+def metrics_site(metrics: Metrics, server: Optional[SyncServer] = None) -> Site:
+    """
+    The separate metrics listener's site: ``/metrics``, and, given the server, ``/health``
+    with every detail, as this listener is for operators only.
+    """
+    routes: dict[bytes, Resource] = {b"metrics": MetricsPage(metrics)}
+    if server is not None:
+        routes[b"health"] = Health(server, (), detailed=True)
+    site = Site(Folder(routes))
     site.noisy = False
     return site
 
@@ -376,30 +604,35 @@ class Folder(Resource):
         return json_body(request, {"error": "Not Found"}, 404)
 
 
-def make_listener(server: SyncServer, config: Config) -> UpgradeRouter:
-    """The one port's protocol factory: the site, with WebSocket upgrades taken straight to Autobahn."""
+def make_listener(server: SyncServer, config: Config) -> PerAddressLimit:
+    """
+    The one port's protocol factory: the site, with WebSocket upgrades taken straight to
+    Autobahn, behind the per-address cap on connections that are not WebSockets.
+    """
     websockets: dict[bytes, WebSocketServerFactory] = {b"/ws": SyncFactory(server, config)}
     if config.echo_endpoint:
         websockets[b"/echo"] = echo_factory(config)
-    return UpgradeRouter(make_site(server, config, websockets), websockets)
+    router = UpgradeRouter(make_site(server, config, websockets), websockets)
+    return PerAddressLimit(router, config.max_http_connections_per_ip, config.trusted_proxies)
 
 
 def make_site(server: SyncServer, config: Config, websockets: dict[bytes, WebSocketServerFactory]) -> Site:
     routes: dict[bytes, Resource] = {path[1:]: WebSocketResource(factory) for path, factory in websockets.items()}
-    routes.update({
-        b"health": Health(server),
-        b"rooms": Rooms(server),
-        b"auth": Folder(
-            {
-                b"login": AuthRoute(server, b"POST", login),
-                b"refresh": AuthRoute(server, b"POST", refresh),
-                b"me": AuthRoute(server, b"GET", me),
-                b"verify": AuthRoute(server, b"POST", verify),
-            }
-        ),
-    })
+    auth = {b"me": AuthRoute(server, b"GET", me), b"verify": AuthRoute(server, b"POST", verify)}
+    if config.demo_login:
+        auth[b"login"] = AuthRoute(server, b"POST", login)
+        auth[b"refresh"] = AuthRoute(server, b"POST", refresh)
+    routes.update({b"health": Health(server, config.api_keys), b"rooms": Rooms(server), b"auth": Folder(auth)})
     if config.metrics_port is None:
         routes[b"metrics"] = MetricsPage(server.metrics)
     if config.test_endpoints:
         routes[b"_test"] = Folder({b"clear": ClearAll(server)})
-    return SyncKitSite(Root(routes), config.cors_origin.encode("latin-1"))
+    return SyncKitSite(
+        Root(routes),
+        config.cors_origin.encode("latin-1"),
+        server.clock,
+        trusted_proxies=config.trusted_proxies,
+        header_timeout=config.http_header_timeout / 1000,
+        idle_timeout=config.http_idle_timeout / 1000,
+        max_body_size=config.max_http_body_size,
+    )

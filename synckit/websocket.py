@@ -20,25 +20,22 @@ from autobahn.websocket.xormasker import create_xor_masker
 from twisted.logger import Logger
 
 from synckit.config import Config
+from synckit.limits import forwarded_client
 from synckit.server import SyncServer
 from synckit.session import Session
 from synckit.wire import Frame
 
 
-def client_ip(headers: dict[str, str], peer: str) -> str:
+def client_ip(headers: dict[str, str], peer: str, trusted_proxies: tuple[Any, ...] = ()) -> str:
     """
-    The client's address as the reference takes it: the first ``X-Forwarded-For`` entry, else
-    ``X-Real-IP``, else the socket's peer (spoofable through the headers, as there).
+    The client's address: the socket's peer, or, when the peer is one of C{trusted_proxies}
+    (C{Config.trusted_proxies}), the address the proxy forwarded.  The reference believes
+    ``X-Forwarded-For`` from anyone, which lets a client pick its address past the per-address
+    limit; here, with no trusted proxies, the headers are ignored.
     """
-    forwarded = headers.get("x-forwarded-for")
-    if forwarded:
-        return forwarded.split(",")[0].strip()
-    real = headers.get("x-real-ip")
-    if real:
-        return real.strip()
     # Autobahn's peer is "tcp:1.2.3.4:5678" or "tcp6:::1:5678".
-    address = peer.partition(":")[2].rpartition(":")[0]
-    return address or "unknown"
+    address = peer.partition(":")[2].rpartition(":")[0] or "unknown"
+    return forwarded_client(address, headers.get("x-forwarded-for"), headers.get("x-real-ip"), trusted_proxies)
 
 
 def websocket_frame(payload: bytes, binary: bool) -> bytes:
@@ -130,7 +127,7 @@ class SyncProtocol(WebSocketServerProtocol):
             module["pformat"] = pprint.pformat
 
     def onConnect(self, request: Any) -> None:
-        self._ip = client_ip(request.headers, request.peer)
+        self._ip = client_ip(request.headers, request.peer, self.factory.sync_server.config.trusted_proxies)
 
     def onOpen(self) -> None:
         self._session = self.factory.sync_server.open_session(self, self._ip)

@@ -103,10 +103,10 @@ class WebTests(TestCase):
         return self.run_async(go)
 
     def test_login_issues_working_tokens(self) -> Deferred:
-        """Login returns HS256 tokens with the reference's claims; /auth/me and /auth/verify accept them."""
+        """With demo-login, login returns HS256 tokens with the reference's claims; /auth/me and /auth/verify accept them."""
 
         async def go() -> None:
-            port = await self.serve()
+            port = await self.serve(demo_login=True)
             r = await self.request(port, "POST", "/auth/login", {"email": "a@example.com", "password": "pw", "permissions": {"canRead": ["d1"]}})
             self.assertEqual(r.code, 200)
             body = r.json()
@@ -127,7 +127,7 @@ class WebTests(TestCase):
         """Missing fields, bad headers and bad tokens get the reference's status codes and messages."""
 
         async def go() -> None:
-            port = await self.serve()
+            port = await self.serve(demo_login=True)
             cases = [
                 ("POST", "/auth/login", {"email": "a"}, None, 400, {"error": "Email and password required"}),
                 ("POST", "/auth/refresh", {}, None, 400, {"error": "Refresh token required"}),
@@ -150,7 +150,7 @@ class WebTests(TestCase):
         """A refresh token buys a new access token and a new refresh token for the same user."""
 
         async def go() -> None:
-            port = await self.serve()
+            port = await self.serve(demo_login=True)
             login = (await self.request(port, "POST", "/auth/login", {"email": "a", "password": "b"})).json()
             r = await self.request(port, "POST", "/auth/refresh", {"refreshToken": login["refreshToken"]})
             self.assertEqual(r.code, 200)
@@ -166,5 +166,92 @@ class WebTests(TestCase):
             port = await self.serve()
             r = await self.request(port, "GET", "/rooms")
             self.assertEqual(r.json(), {"rooms": [], "totalConnections": 0, "totalRooms": 0, "wordwall": None})
+
+        return self.run_async(go)
+
+    def test_demo_login_off_by_default(self) -> Deferred:
+        """
+        Without demo-login, nobody can have an administrator token signed: /auth/login and
+        /auth/refresh are not served (404), whatever is asked for; /auth/me and /auth/verify are.
+        """
+
+        async def go() -> None:
+            port = await self.serve()
+            ask = {"email": "e", "password": "p", "permissions": {"isAdmin": True}}
+            login = await self.request(port, "POST", "/auth/login", ask)
+            self.assertEqual((login.code, login.json()), (404, {"error": "Not Found"}))
+            refresh = await self.request(port, "POST", "/auth/refresh", {"refreshToken": "x"})
+            self.assertEqual(refresh.code, 404)
+            verify = await self.request(port, "POST", "/auth/verify", {"token": "abc"})
+            self.assertEqual((verify.code, verify.json()), (200, {"valid": False}))
+
+        return self.run_async(go)
+
+    def test_refresh_token_works_once(self) -> Deferred:
+        """A refresh token is redeemed once; its replay is refused, the refresh token it bought works."""
+
+        async def go() -> None:
+            port = await self.serve(demo_login=True)
+            login = (await self.request(port, "POST", "/auth/login", {"email": "a", "password": "b"})).json()
+            first = await self.request(port, "POST", "/auth/refresh", {"refreshToken": login["refreshToken"]})
+            self.assertEqual(first.code, 200)
+            replay = await self.request(port, "POST", "/auth/refresh", {"refreshToken": login["refreshToken"]})
+            self.assertEqual((replay.code, replay.json()), (401, {"error": "Invalid or expired refresh token"}))
+            second = await self.request(port, "POST", "/auth/refresh", {"refreshToken": first.json()["refreshToken"]})
+            self.assertEqual(second.code, 200)
+
+        return self.run_async(go)
+
+    def test_refresh_takes_no_access_token(self) -> Deferred:
+        """
+        /auth/refresh refuses an access token (the reference re-signs it, permissions included),
+        and grants the permissions the login granted, never more.
+        """
+
+        async def go() -> None:
+            port = await self.serve(demo_login=True)
+            ask = {"email": "a", "password": "b", "permissions": {"canRead": ["d1"]}}
+            login = (await self.request(port, "POST", "/auth/login", ask)).json()
+            r = await self.request(port, "POST", "/auth/refresh", {"refreshToken": login["accessToken"]})
+            self.assertEqual(r.code, 401)
+            forged = jwt.encode({"userId": "x", "permissions": {"isAdmin": True}}, SECRET, algorithm="HS256")
+            r = await self.request(port, "POST", "/auth/refresh", {"refreshToken": forged})
+            self.assertEqual(r.code, 401)
+            r = await self.request(port, "POST", "/auth/refresh", {"refreshToken": login["refreshToken"]})
+            claims = jwt.decode(r.json()["accessToken"], SECRET, algorithms=["HS256"])
+            self.assertEqual(claims["permissions"], {"canRead": ["d1"], "canWrite": [], "isAdmin": False})
+
+        return self.run_async(go)
+
+    def test_refresh_token_is_not_an_access_token(self) -> Deferred:
+        """/auth/me and /auth/verify refuse a refresh token."""
+
+        async def go() -> None:
+            port = await self.serve(demo_login=True)
+            login = (await self.request(port, "POST", "/auth/login", {"email": "a", "password": "b"})).json()
+            me = await self.request(port, "GET", "/auth/me", headers={"Authorization": f"Bearer {login['refreshToken']}"})
+            self.assertEqual(me.code, 401)
+            verify = await self.request(port, "POST", "/auth/verify", {"token": login["refreshToken"]})
+            self.assertEqual(verify.json(), {"valid": False})
+
+        return self.run_async(go)
+
+    def test_health_without_key_has_counts_only(self) -> Deferred:
+        """
+        Anonymous /health has status, version, uptime and counts, no document list; with a
+        configured key in X-API-Key, the reference's details; a wrong key gets counts only.
+        """
+
+        async def go() -> None:
+            port = await self.serve(api_keys=("admin-key",))
+            anonymous = (await self.request(port, "GET", "/health")).json()
+            self.assertEqual(set(anonymous), {"status", "timestamp", "version", "uptime", "connections", "documents"})
+            self.assertEqual(anonymous["documents"], {"totalDocuments": 0})
+            self.assertEqual(anonymous["connections"], {"totalConnections": 0})
+            wrong = (await self.request(port, "GET", "/health", headers={"X-API-Key": "nope"})).json()
+            self.assertEqual(wrong["documents"], {"totalDocuments": 0})
+            detailed = (await self.request(port, "GET", "/health", headers={"X-API-Key": "admin-key"})).json()
+            self.assertEqual(detailed["documents"], {"totalDocuments": 0, "documents": []})
+            self.assertEqual(detailed["connections"], {"totalConnections": 0, "totalUsers": 0, "totalClients": 0})
 
         return self.run_async(go)

@@ -110,11 +110,12 @@ def _auth_failed(session: Session) -> None:
 # Reading
 
 
-def _sync_response(request: Message, doc: Document) -> dict[str, Any]:
+def _sync_response(session: Session, request: Message, doc: Document) -> dict[str, Any]:
     # The clock is sent with every answer: the SDK needs a non-empty clock whenever the state is
-    # non-empty.  The text goes with it too, so that a client that syncs rather than
-    # subscribes gets it.
-    body = {"requestId": request["id"], "documentId": doc.id, "state": doc.fields, "deltas": [], "clock": doc.clock}
+    # non-empty, and applies the state's values stamped by it.  The text goes with it too, so
+    # that a client that syncs rather than subscribes gets it.
+    clock = doc.served_clock(session.server.now_ms())
+    body = {"requestId": request["id"], "documentId": doc.id, "state": doc.fields, "deltas": [], "clock": clock}
     if doc.text is not None:
         body["textState"], body["textClock"] = doc.text.state.to_json(), doc.text.clock
     return body
@@ -128,7 +129,7 @@ async def on_subscribe(session: Session, message: Message) -> None:
     _permitted(identity.permissions.readable(doc_id), doc_id)
     doc = await session.server.engine.open(doc_id)
     session.subscribe(doc_id)
-    session.reply("sync_response", _sync_response(message, doc))
+    session.reply("sync_response", _sync_response(session, message, doc))
     if session.server.config.legacy_field_deltas:
         _send_fields(session, doc)
 
@@ -151,7 +152,7 @@ async def on_sync_request(session: Session, message: Message) -> None:
     doc_id = readable_document(session, message)
     doc = await session.server.engine.open(doc_id)
     session.subscribe(doc_id)
-    session.reply("sync_response", _sync_response(message, doc))
+    session.reply("sync_response", _sync_response(session, message, doc))
 
 
 def on_unsubscribe(session: Session, message: Message) -> None:

@@ -19,6 +19,7 @@ from synckit.pubsub.local import LocalBus, LocalPubSub
 from synckit.server import SyncServer
 from synckit.session import Session
 from synckit.storage.memory import MemoryStorage
+from synckit.sync.document import SERVER_CLOCK
 
 #: the JWT secret the tests sign with
 SECRET = "test-secret-key-for-unit-tests-only-32-chars"
@@ -42,6 +43,11 @@ def text(kind: str, **fields: Any) -> bytes:
     message = {"type": kind, "id": fields.pop("id", "json-1"), "timestamp": fields.pop("timestamp", 1)}
     message.update(fields)
     return json.dumps(message).encode("utf-8")
+
+
+def vector(clock: dict[str, int]) -> dict[str, int]:
+    """A clock without the server's ordering entry (tested on its own in test_document)."""
+    return {k: v for k, v in clock.items() if k != SERVER_CLOCK}
 
 
 def text_state(client: str, text: str, clock: int = 0) -> str:

@@ -14,7 +14,7 @@ from synckit.session import Session
 from synckit.sync.broadcast import deliver
 from synckit.sync.document import Document
 from synckit.wire import Frame
-from tests.helpers import FakeClient, Harness, HarnessCase
+from tests.helpers import FakeClient, Harness, HarnessCase, vector
 
 TOMBSTONE = {"__deleted": True}
 
@@ -228,8 +228,8 @@ class RecipientTests(BroadcastTestCase):
         h.send(two, "delta", {"id": "w2", "documentId": "d", "delta": {"b": 2, "c": 3}, "vectorClock": {"sdk-1": 7}})
         h.flush()
         expected = {one.id: 1, two.id: 2, "sdk-1": 7}
-        self.assertEqual(cached(h, "d").clock, expected)
-        self.assertEqual([m["clock"] for m in client.of_type("delta")], [expected] * 3)
+        self.assertEqual(vector(cached(h, "d").clock), expected)
+        self.assertEqual([vector(m["clock"]) for m in client.of_type("delta")], [expected] * 3)
 
     def test_value_at_flush_time(self) -> None:
         """The value sent is the document's value when the flush runs, not the one queued."""
@@ -312,3 +312,23 @@ class DisconnectAndShutdownTests(BroadcastTestCase):
         client.take()
         h.flush()
         self.assertEqual(client.take(), [])
+
+
+class ServedOrderTests(HarnessCase):
+    def test_later_broadcast_outranks_earlier_for_the_sdk(self) -> None:
+        """
+        Two broadcasts of one field: the second's clock has the larger largest entry, even when
+        the writes' own clock entries would tie (the SDK keeps the larger-stamped value, and
+        breaks ties by comparing the values themselves).
+        """
+        h = self.harness()
+        writer, client = h.connect()
+        other, _ = h.connect()
+        h.send(writer, "subscribe", {"id": "s", "documentId": "d"})
+        h.send(writer, "delta", delta("d", {"title": "b"}))
+        h.flush()
+        h.send(other, "delta", delta("d", {"title": "a"}))
+        h.flush()
+        first, second = [m for m in client.of_type("delta")]
+        self.assertEqual((first["value"], second["value"]), ("b", "a"))
+        self.assertGreater(max(second["clock"].values()), max(first["clock"].values()))

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from synckit.sync.document import (
     MAX_COUNTER,
     RESTORED,
+    SERVER_CLOCK,
     TOMBSTONE,
     Document,
     Stamp,
@@ -328,3 +329,23 @@ class PromisedStampTests(SynchronousTestCase):
         stamp = doc.stamp("a", "conn-1", 1, NOW + 100)
         doc.settle("a", stamp)
         self.assertEqual(doc.stamp("a", "conn-1", 1, NOW), (NOW, 1, "conn-1"))
+
+
+class ServedClockTests(SynchronousTestCase):
+    def test_largest_entry_grows_with_every_serving(self) -> None:
+        """
+        Each served clock's largest entry is larger than any before it: at least the current
+        time in ms, and one more than every entry (clients stamp the values they receive with it).
+        """
+        doc = Document("d", clock={"conn-1": 3})
+        first = max(doc.served_clock(NOW).values())
+        second = max(doc.served_clock(NOW).values())
+        self.assertEqual((first, second), (NOW, NOW + 1))
+        doc.merge_clock({"elsewhere": NOW + 50})
+        self.assertEqual(max(doc.served_clock(NOW).values()), NOW + 51)
+        self.assertEqual(doc.clock["conn-1"], 3)
+
+    def test_capped_at_the_largest_exact_integer(self) -> None:
+        """The entry never passes what JavaScript clients can represent."""
+        doc = Document("d", clock={"c": MAX_COUNTER})
+        self.assertEqual(doc.served_clock(NOW)[SERVER_CLOCK], MAX_COUNTER)

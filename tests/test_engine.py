@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, fail
 
 from synckit.storage.interface import DocumentWrites, FieldWrite, StorageTimeout, StorageUnavailable
 from synckit.sync.fugue import FugueText
-from tests.helpers import FakeClient, Harness, HarnessCase, text_state
+from tests.helpers import FakeClient, Harness, HarnessCase, text_state, vector
 
 
 class HeldSaves:
@@ -136,7 +136,7 @@ class SaveThenShowTests(HarnessCase):
         self.assertEqual([m["details"]["code"] for m in writer_client.of_type("error")], ["STORAGE_UNAVAILABLE"])
         self.assertEqual(reader_client.take(), [])
         doc = h.server.engine.registry.peek("d")
-        self.assertEqual((doc.fields, doc.clock, doc.text), ({}, {}, None))
+        self.assertEqual((doc.fields, vector(doc.clock), doc.text), ({}, {}, None))
 
     def test_timed_out_save_that_commits_late_is_seen_after_the_reread(self) -> None:
         """

@@ -42,7 +42,11 @@ def deliver(frame: Frame, recipients: Iterable[Recipient], exclude: Optional[Rec
 
 
 def field_delta(doc: Document, field: str, ids: MessageIds, now: int) -> Frame:
-    """A field's current value as one ``delta`` message (the tombstone once it is deleted)."""
+    """
+    A field's current value as one ``delta`` message (the tombstone once it is deleted), with
+    the document's clock as it stands: the caller raises it (L{Document.served_clock}) once
+    for the values it sends together.
+    """
     return Frame(
         "delta",
         now,
@@ -102,6 +106,7 @@ class Broadcaster:
         recipients = [s for s in self._registry.subscribers(doc_id) if s.authenticated]
         if doc is None or not recipients:
             return
+        doc.served_clock(now)
         for field in batch:
             frame = field_delta(doc, field, self._ids, now)
             for recipient in recipients:

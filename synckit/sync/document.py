@@ -46,6 +46,10 @@ def is_tombstone(value: Any) -> bool:
 MAX_COUNTER = 2**53 - 1
 
 
+#: The clock entry that orders the field values the server sends (see L{Document.served_clock}).
+SERVER_CLOCK = "~server"
+
+
 def merge_clock(into: dict[str, int], other: Any) -> bool:
     """
     Element-wise maximum of C{other} into C{into}.  Entries that are not integers from 0 to
@@ -139,6 +143,23 @@ class Document:
 
     def merge_clock(self, other: Any) -> bool:
         return merge_clock(self.clock, other)
+
+    def served_clock(self, now_ms: int) -> dict[str, int]:
+        """
+        The clock to send with field values, raised first so that its largest entry is larger
+        than in anything sent before.
+
+        SyncKit's SDK applies each field value it receives through its own last-writer-wins,
+        stamped with the largest entry of the message's clock and the writer "server", and
+        breaks ties by comparing the values: where two messages carried the same largest entry,
+        a later value that sorts lower would be dropped for good.  The L{SERVER_CLOCK} entry,
+        at least the current time in ms and one more than every entry, makes each message
+        outrank the ones before it, also across instances (clocks merge by maximum) and
+        restarts (time moves on).
+        """
+        clock = self.clock
+        clock[SERVER_CLOCK] = min(MAX_COUNTER, max(now_ms, max(clock.values(), default=0) + 1))
+        return clock
 
     def merge_text(self, text: Text) -> bool:
         """

@@ -41,7 +41,15 @@ class SyncServer:
         self.ids = MessageIds()
         self.tasks = BackgroundTasks()
         self.engine = SyncEngine(
-            clock, storage, pubsub, self.metrics, self.ids, self.tasks, config.document_cache_size, config.awareness_timeout
+            clock,
+            storage,
+            pubsub,
+            self.metrics,
+            self.ids,
+            self.tasks,
+            config.document_cache_size,
+            config.awareness_timeout,
+            config.database_pool_size,
         )
         self.tokens = Tokens.from_config(config, clock)
         self.connections = ConnectionLimiter(config.max_connections_per_ip, config.max_connections)

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from synckit.metrics import Metrics
 from synckit.pubsub.interface import IPubSub, PubSubUnavailable
 from synckit.pubsub.watches import Watches
+from synckit.storage.group import GroupCommit
 from synckit.storage.interface import (
     DocumentWrites,
     FieldWrite,
@@ -110,9 +111,15 @@ class SyncEngine:
         tasks: BackgroundTasks,
         cache_size: int = 1000,
         awareness_timeout: int = 30_000,
+        save_concurrency: int = 1,
     ) -> None:
+        """
+        @param save_concurrency: saves in flight at once; the writes that arrive meanwhile are
+            saved together (L{GroupCommit}).
+        """
         self.clock = clock
         self.storage = storage
+        self._saves = GroupCommit(storage, save_concurrency)
         self.pubsub = pubsub
         self.metrics = metrics
         self.ids = ids
@@ -162,7 +169,7 @@ class SyncEngine:
         now = self.now_ms()
         batch = [self._stamped(docs[doc_id], writer.id, change, now) for doc_id, change in changes.items()]
         try:
-            saved = await self.storage.save(batch)
+            saved = await self._saves.save(batch)
         except StorageTimeout as e:
             self._unknown(list(docs.values()), e.settled)
             raise

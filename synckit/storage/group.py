@@ -16,7 +16,7 @@ previous one was answered, and last-writer-wins stamps, not arrival at storage, 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -45,11 +45,21 @@ class GroupCommit:
 
     def save(self, writes: Sequence[DocumentWrites]) -> "Deferred[dict[str, Text]]":
         """Save C{writes} in one transaction, alone or with others': see L{IStorage.save}."""
+        if self._in_flight < self._concurrency and not self._queue:
+            # Nothing to group with: storage's own answer is the caller's.
+            self._in_flight += 1
+            return self._storage.save(writes).addBoth(self._alone_done)
         d: Deferred = Deferred()
         self._queue.append(_Waiter(writes, d))
         if self._in_flight < self._concurrency:
             self._next()
         return d
+
+    def _alone_done(self, result: Any) -> Any:
+        self._in_flight -= 1
+        if self._queue and self._in_flight < self._concurrency:
+            self._next()
+        return result
 
     def _next(self) -> None:
         size = 1 if self._queue and self._queue[0].alone else self._group_size

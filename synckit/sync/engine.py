@@ -165,7 +165,10 @@ class SyncEngine:
         them.  Fires once they are durable and visible; fails with storage's error, with
         nothing shown, otherwise.  C{since} is when the message arrived (perf_counter).
         """
-        docs = {doc_id: await self.open(doc_id) for doc_id in changes}
+        docs = {}
+        for doc_id in changes:
+            doc = self.registry.peek(doc_id)
+            docs[doc_id] = doc if doc is not None and not doc.stale else await self.open(doc_id)
         now = self.now_ms()
         batch = [self._stamped(docs[doc_id], writer.id, change, now) for doc_id, change in changes.items()]
         try:

@@ -1,7 +1,8 @@
 """
 Reassembly of ``delta_batch_chunk`` messages into the message they were cut from
 (PROTOCOL.md section 4.10), with the limits the reference lacks (R-5): a bounded number of chunks
-and bytes per set, in-range indexes only, and sets dropped when they are not complete in time.
+and bytes per set, in-range indexes only, sets dropped when they are not complete in time, and a
+cap on the bytes all connections' sets hold together (L{ChunkMemory}).
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ class ChunkError(ValueError):
     """A chunk that cannot belong to a valid set."""
 
 
+class ChunkMemory:
+    """
+    The bytes of unfinished chunk sets held by every connection of a server, against one cap.
+    Each connection's own cap bounds what one client can hold, not what many can: twenty
+    connections each filling theirs held 280 MB for a minute.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class _ChunkSet:
     __slots__ = ("total", "parts", "started")
 
@@ -46,7 +61,7 @@ class ChunkAssembler:
     """
     One connection's incomplete chunk sets.  Chunks bypass the rate limit (as in the reference),
     so what one connection may hold is bounded here: a few open sets and a byte budget shared by
-    all of them.
+    all of them, and, when given, the server's L{ChunkMemory} shared with every other connection.
     """
 
     def __init__(
@@ -55,11 +70,13 @@ class ChunkAssembler:
         max_bytes: int = 16 * 1024 * 1024,
         max_sets: int = 16,
         timeout: float = 30.0,
+        memory: Optional[ChunkMemory] = None,
     ) -> None:
         self._max_chunks = max_chunks
         self._max_bytes = max_bytes
         self._max_sets = max_sets
         self.timeout = timeout
+        self._memory = memory
         self._sets: dict[str, _ChunkSet] = {}
         self._buffered = 0
 
@@ -70,7 +87,7 @@ class ChunkAssembler:
         """
         Store one chunk; returns the reassembled message bytes once every chunk is in.
 
-        @raise ChunkError: for a chunk outside the limits (a set over the byte budget is dropped).
+        @raise ChunkError: for a chunk outside the limits (a set over a byte budget is dropped).
         """
         chunk_id, total, index, data = (message.get(k) for k in ("chunkId", "totalChunks", "chunkIndex", "data"))
         if not isinstance(chunk_id, str) or not isinstance(data, str):
@@ -85,19 +102,28 @@ class ChunkAssembler:
         if type(index) is not int or not 0 <= index < chunk_set.total:
             raise ChunkError("chunkIndex out of range")
         part = decode_base64(data)
-        self._buffered += len(part) - len(chunk_set.parts.get(index, b""))
+        self._account(len(part) - len(chunk_set.parts.get(index, b"")))
         chunk_set.parts[index] = part
         if self._buffered > self._max_bytes:
             self._drop(chunk_id)
             raise ChunkError(f"chunk sets exceed {self._max_bytes} bytes")
+        memory = self._memory
+        if memory is not None and memory.used > memory.limit:
+            self._drop(chunk_id)
+            raise ChunkError(f"all connections' chunk sets exceed {memory.limit} bytes")
         if len(chunk_set.parts) < chunk_set.total:
             return None
         self._drop(chunk_id)
         return b"".join(chunk_set.parts[i] for i in range(chunk_set.total))
 
+    def _account(self, size: int) -> None:
+        self._buffered += size
+        if self._memory is not None:
+            self._memory.used += size
+
     def _drop(self, chunk_id: str) -> None:
         chunk_set = self._sets.pop(chunk_id)
-        self._buffered -= sum(len(p) for p in chunk_set.parts.values())
+        self._account(-sum(len(p) for p in chunk_set.parts.values()))
 
     def expire(self, now: float) -> int:
         """Drop sets whose first chunk is older than the timeout; returns how many."""
@@ -105,3 +131,8 @@ class ChunkAssembler:
         for chunk_id in stale:
             self._drop(chunk_id)
         return len(stale)
+
+    def clear(self) -> None:
+        """Drop every set (the connection is gone), giving their bytes back to the shared cap."""
+        for chunk_id in list(self._sets):
+            self._drop(chunk_id)

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from twisted.internet.endpoints import quoteStringArgument
+
 DEFAULT_JWT_SECRET = "development-secret-do-not-use-in-production"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -30,6 +32,7 @@ class ConfigError(ValueError):
 class Config:
     port: int = 8080
     host: str = "0.0.0.0"
+    listen: tuple[str, ...] = ()
     node_env: str = "development"
     jwt_secret: str = DEFAULT_JWT_SECRET
     jwt_expires_in: int = 24 * 3600
@@ -56,6 +59,7 @@ class Config:
     backend_timeout: int = 5000
     metrics_port: Optional[int] = None
     metrics_host: str = "127.0.0.1"
+    metrics_listen: tuple[str, ...] = ()
     echo_endpoint: bool = False
     demo_login: bool = False
     jwt_public_key_file: Optional[str] = None
@@ -70,6 +74,17 @@ class Config:
     http_header_timeout: int = 10_000
     http_idle_timeout: int = 60_000
     max_http_body_size: int = 64 * 1024
+    max_send_queue: int = 16 * 1024 * 1024
+    max_invalid_messages_per_minute: int = 100
+    auth_timeout: int = 30_000
+    max_chunk_memory: int = 64 * 1024 * 1024
+    max_presence_size: int = 16 * 1024
+    max_presence_per_document: int = 1000
+    max_presence_per_connection: int = 100
+    max_ops_per_message: int = 1000
+    deltas_retention: int = 30 * 24 * 3600
+    tombstone_retention: int = 7 * 24 * 3600
+    cleanup_interval: int = 3600
 
 
 # Parsers: text -> value, raising ValueError with a short reason.
@@ -146,6 +161,19 @@ def _networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _endpoints(text: str) -> tuple[str, ...]:
+    """
+    Twisted server endpoint strings, separated by commas or spaces.  Only split here: each is
+    parsed with the reactor by C{synckit.service.check_endpoints} before twistd runs anything
+    (an ``ssl:`` endpoint reads its key, a ``systemd:`` one looks for its socket, and neither
+    belongs to another program reading this configuration, such as synckit-migrate).
+    """
+    endpoints = tuple(word for word in re.split(r"[,\s]+", text) if word)
+    if not endpoints:
+        raise ValueError("must not be empty")
+    return endpoints
+
+
 def _public_key_file(text: str) -> str:
     """
     A PEM public key file, read and parsed now so that a missing, unreadable or wrong file stops
@@ -211,6 +239,7 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("port", "PORT", _integer(0, 65535), "TCP port for HTTP and the WebSocket endpoint /ws"),
     Setting("host", "HOST", _text, "address to listen on; 'localhost' listens on 127.0.0.1 and ::1, '::' on every IPv4 and IPv6 address"),
+    Setting("listen", "SYNCKIT_LISTEN", _endpoints, "Twisted endpoints for HTTP and /ws, replacing port and host: tcp:8080, tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem, unix:/run/synckit/synckit.sock, systemd:domain=INET:index=0 (socket activation); repeat the option, or separate them with commas or spaces"),
     Setting("node_env", "NODE_ENV", _choice("development", "production", "test"), "deployment mode; 'production' refuses the default JWT secret"),
     Setting("jwt_secret", "JWT_SECRET", _secret, "HMAC key for JWTs, at least 32 characters (prefer the environment to the command line)"),
     Setting("jwt_expires_in", "JWT_EXPIRES_IN", _duration, "access-token lifetime, e.g. 24h"),
@@ -237,6 +266,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backend_timeout", "SYNCKIT_BACKEND_TIMEOUT", _integer(100), "ms to wait for PostgreSQL or Redis on a client's behalf before giving up with an error"),
     Setting("metrics_port", "SYNCKIT_METRICS_PORT", _integer(0, 65535), "serve /metrics on this port (and not on the main one); unset: on the main port"),
     Setting("metrics_host", "SYNCKIT_METRICS_HOST", _text, "address of the separate /metrics listener"),
+    Setting("metrics_listen", "SYNCKIT_METRICS_LISTEN", _endpoints, "Twisted endpoints for a separate /metrics listener, as for listen, instead of metrics-port and metrics-host"),
     Setting("echo_endpoint", "SYNCKIT_ECHO_ENDPOINT", _boolean, "serve a plain WebSocket echo at /echo, for benchmarking the WebSocket layer"),
     Setting("demo_login", "SYNCKIT_DEMO_LOGIN", _boolean, "serve the reference demo's POST /auth/login and /auth/refresh, which sign any permissions asked for, administrator included (demos only)"),
     Setting("jwt_public_key_file", "SYNCKIT_JWT_PUBLIC_KEY_FILE", _public_key_file, "PEM public key (RSA: RS256, EC: ES256/384/512, Ed25519: EdDSA) that also verifies tokens without a kid; unset: none"),
@@ -251,6 +281,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_header_timeout", "SYNCKIT_HTTP_HEADER_TIMEOUT", _integer(100), "ms a connection has to send a request's complete headers, from its start or the previous response"),
     Setting("http_idle_timeout", "SYNCKIT_HTTP_IDLE_TIMEOUT", _integer(100), "ms after which a silent HTTP connection is closed"),
     Setting("max_http_body_size", "SYNCKIT_MAX_HTTP_BODY_SIZE", _integer(0), "largest HTTP request body accepted, in bytes; larger ones are refused with 413 before they are read"),
+    Setting("max_send_queue", "SYNCKIT_MAX_SEND_QUEUE", _integer(65536), "bytes a WebSocket connection may have waiting to be sent once its socket is full; a client that does not read them is disconnected"),
+    Setting("max_invalid_messages_per_minute", "SYNCKIT_MAX_INVALID_MESSAGES_PER_MINUTE", _integer(1), "undecodable messages each connection may send in any 60 s, each answered with an error; one more closes it (1008)"),
+    Setting("auth_timeout", "SYNCKIT_AUTH_TIMEOUT", _integer(0), "ms a WebSocket connection has to authenticate when auth is required, then it is closed (1008); 0: no limit"),
+    Setting("max_chunk_memory", "SYNCKIT_MAX_CHUNK_MEMORY", _integer(1024), "bytes of unfinished delta_batch_chunk sets held for all connections together; a set that would go over is dropped"),
+    Setting("max_presence_size", "SYNCKIT_MAX_PRESENCE_SIZE", _integer(64), "largest presence state, in bytes of compact JSON (its clock included)"),
+    Setting("max_presence_per_document", "SYNCKIT_MAX_PRESENCE_PER_DOCUMENT", _integer(1), "presence states (client ids) one document may hold from this instance's connections"),
+    Setting("max_presence_per_connection", "SYNCKIT_MAX_PRESENCE_PER_CONNECTION", _integer(1), "presence states (client ids, over all documents) one connection may publish"),
+    Setting("max_ops_per_message", "SYNCKIT_MAX_OPS_PER_MESSAGE", _integer(1), "field writes and operations one delta or delta_batch may carry; more are refused before anything is saved"),
+    Setting("deltas_retention", "SYNCKIT_DELTAS_RETENTION", _duration, "how long PostgreSQL's delta log (an audit log no server reads) keeps each write, e.g. 30d"),
+    Setting("tombstone_retention", "SYNCKIT_TOMBSTONE_RETENTION", _duration, "how long a deleted field's stamp is kept, so that a delayed older write cannot bring the field back, e.g. 7d"),
+    Setting("cleanup_interval", "SYNCKIT_CLEANUP_INTERVAL", _duration, "time between cleanups applying deltas-retention and tombstone-retention, e.g. 1h"),
 )  # fmt: skip
 
 _BY_OPTION = {s.option: s for s in SETTINGS}
@@ -318,6 +359,32 @@ def _check(config: Config) -> None:
         raise ConfigError("NODE_ENV=production requires JWT_SECRET to be set")
     if config.auto_migrate and not config.database:
         raise ConfigError("auto-migrate (SYNCKIT_AUTO_MIGRATE) needs a database (DATABASE_URL)")
+    if config.metrics_listen and config.metrics_port is not None:
+        raise ConfigError("metrics-listen (SYNCKIT_METRICS_LISTEN) and metrics-port (SYNCKIT_METRICS_PORT) both say where /metrics goes: set one")
+
+
+def _tcp(port: int, host: str) -> str:
+    return f"tcp:{port}:interface={quoteStringArgument(host)}"
+
+
+def listen_endpoints(config: Config) -> tuple[tuple[str, bool], ...]:
+    """
+    The main listener's endpoint strings, each with whether it may fail to listen: listen's, or
+    port and host as ``tcp:``.  ``localhost`` is both loopbacks, since clients resolve it to
+    ``::1`` or ``127.0.0.1``; a machine without IPv6 has no ``::1``, and then that one may fail.
+    """
+    if config.listen:
+        return tuple((endpoint, False) for endpoint in config.listen)
+    if config.host == "localhost":
+        return ((_tcp(config.port, "127.0.0.1"), False), (_tcp(config.port, "::1"), True))
+    return ((_tcp(config.port, config.host), False),)
+
+
+def metrics_endpoints(config: Config) -> tuple[str, ...]:
+    """Where /metrics has a listener of its own (and is not on the main one): none by default."""
+    if config.metrics_port is not None:
+        return (_tcp(config.metrics_port, config.metrics_host),)
+    return config.metrics_listen
 
 
 def defaults() -> dict[str, Any]:

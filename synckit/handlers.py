@@ -15,9 +15,12 @@ import math
 import re
 from typing import Any, Optional
 
+import orjson
+
 from synckit.auth import EVERYONE, EVERYONE_CLAIM, Identity, InvalidToken
 from synckit.session import Handler, Reject, Session
 from synckit.sync.broadcast import field_delta
+from synckit.sync.awareness import PresenceLimit
 from synckit.sync.document import TOMBSTONE, Document
 from synckit.sync.engine import Changes
 from synckit.sync.fugue import FugueText, TextStateError
@@ -186,12 +189,27 @@ def _timestamp(value: Any) -> Optional[int]:
     return None
 
 
+def _bounded(session: Session, count: int) -> None:
+    """
+    Refuse a message with more field writes or operations than C{max-ops-per-message}, before
+    anything is saved: one message is one transaction holding a pooled PostgreSQL connection,
+    and its work grows with its ops (the SDK sends at most 50).
+    """
+    limit = session.server.config.max_ops_per_message
+    if count > limit:
+        raise Reject(
+            f"Too many operations in one message: {count}, at most {limit}",
+            {"code": "TOO_MANY_OPERATIONS", "limit": limit},
+        )
+
+
 async def on_delta(session: Session, message: Message) -> None:
     changes = message.get("delta")
     if not changes and message.get("field") is not None:
         changes = {str(message["field"]): message.get("value")}  # the SDK's single-field shape
     if not isinstance(changes, dict) or not changes:
         raise Reject("Invalid delta message: missing or empty delta")
+    _bounded(session, len(changes))
     doc_id = writable_document(session, message)
     change = Changes(fields=list(changes.items()), last_modified=_timestamp(message.get("timestamp")))
     change.clocks.append(message.get("vectorClock") or message.get("clock"))
@@ -212,6 +230,7 @@ async def on_delta_batch(session: Session, message: Message) -> None:
     ops = message.get("deltas")
     if not isinstance(ops, list) or not ops:
         raise Reject("Invalid delta batch: missing or empty deltas array")
+    _bounded(session, len(ops))
     doc_id = writable_document(session, message)
     now = session.server.now_ms()
     changes: dict[str, Changes] = {doc_id: Changes(last_modified=_timestamp(message.get("timestamp")))}
@@ -280,7 +299,20 @@ def on_awareness_update(session: Session, message: Message) -> None:
     client_id = message.get("clientId")
     if not isinstance(client_id, str) or not client_id:
         raise Reject("Failed to update awareness")
-    session.server.engine.update_awareness(session, doc_id, client_id, message.get("state"), message.get("clock"))
+    config = session.server.config
+    state, clock = message.get("state"), message.get("clock")
+    # Presence is kept in memory and sent to every watcher, and again in each awareness_state.
+    size = len(orjson.dumps(state)) + len(orjson.dumps(clock))
+    if size > config.max_presence_size:
+        raise Reject(
+            f"Presence state too large ({size} bytes, max {config.max_presence_size})",
+            {"documentId": doc_id, "code": "INVALID_MESSAGE"},
+        )
+    limits = (config.max_presence_per_document, config.max_presence_per_connection)
+    try:
+        session.server.engine.update_awareness(session, doc_id, client_id, state, clock, *limits)
+    except PresenceLimit as e:
+        raise Reject(str(e), {"documentId": doc_id, "code": "INVALID_MESSAGE"}) from None
 
 
 def ignore(session: Session, message: Message) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from time import perf_counter
 from typing import Any, Callable, Coroutine, Mapping, NamedTuple, Optional, Protocol
+from weakref import WeakKeyDictionary
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -25,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from synckit import wire
 from synckit.auth import Identity, Tokens
-from synckit.chunks import ChunkAssembler, ChunkError
+from synckit.chunks import ChunkAssembler, ChunkError, ChunkMemory
 from synckit.config import Config
 from synckit.limits import RateLimiter
 from synckit.metrics import Metrics
@@ -40,6 +41,19 @@ class Client(Protocol):
     def send_frame(self, frame: wire.Frame, binary: bool) -> None: ...
 
     def close(self, code: int, reason: str) -> None: ...
+
+
+class _Disconnected:
+    """The client of a closed session: sends nothing, and keeps no connection in memory."""
+
+    def send_frame(self, frame: wire.Frame, binary: bool) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+_DISCONNECTED = _Disconnected()
 
 
 class Handler(NamedTuple):
@@ -78,12 +92,17 @@ class Reject(Exception):
         self.details = details
 
 
+#: each server's chunk memory, shared by all its sessions (L{ChunkMemory})
+_chunk_memory: "WeakKeyDictionary[Host, ChunkMemory]" = WeakKeyDictionary()
+
+
 class Session:
     _log = Logger()
     # A server holds thousands of these: no per-instance __dict__.
     __slots__ = (
         "server", "client", "id", "ip", "identity", "authenticated", "binary",
-        "subscriptions", "awareness", "chunks", "received_at", "_rate", "_queue", "_busy", "_open", "__weakref__",
+        "subscriptions", "awareness", "chunks", "received_at", "_rate", "_invalid", "_queue", "_busy", "_open",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(self, server: Host, client: Client, session_id: str, ip: str) -> None:
@@ -102,6 +121,8 @@ class Session:
         #: when (perf_counter) the message being handled arrived
         self.received_at = 0.0
         self._rate = RateLimiter(server.config.max_messages_per_minute)
+        #: undecodable messages; made on the first one
+        self._invalid: Optional[RateLimiter] = None
         #: messages waiting behind a handler that waits on storage; rarely more than a few.
         self._queue: list[tuple[bytes, bool]] = []
         self._busy = False
@@ -199,9 +220,9 @@ class Session:
         self.received_at = started = perf_counter()
         metrics = self.server.metrics
         try:
-            message = wire.decode(data, self._new_id)
+            message = wire.decode(data, self._new_id, self.server.config.max_message_size)
         except wire.DecodeError:
-            self.error("Invalid message format")
+            self._undecodable()
             return None
         kind = message["type"]
         metrics.received.inc(kind if isinstance(kind, str) else None)
@@ -219,6 +240,26 @@ class Session:
         else:
             waiting.addBoth(lambda result: (metrics.handling.observe(perf_counter() - started), result)[1])
         return waiting
+
+    def _undecodable(self) -> None:
+        """
+        Answer a message that does not decode, up to C{max_invalid_messages_per_minute}; one more
+        closes the connection (1008).  Undecodable messages never reach the message rate limit,
+        and replying to each without end let one client get 200,000 error frames out of 200,000
+        one-byte messages: a client that sends that much garbage is broken or hostile.
+        """
+        config = self.server.config
+        if self._invalid is None:
+            self._invalid = RateLimiter(config.max_invalid_messages_per_minute)
+        if self._invalid.allow(self.server.clock.seconds()):
+            self.error("Invalid message format")
+            return
+        self._log.info(
+            "closing {session} ({ip}): more than {limit} invalid messages in a minute",
+            session=self.id, ip=self.ip, limit=config.max_invalid_messages_per_minute,
+        )  # fmt: skip
+        self.error("Too many invalid messages", {"code": "INVALID_MESSAGE"})
+        self.close(1008, "Too many invalid messages")
 
     def _new_id(self) -> str:
         return self.server.ids(self.server.now_ms())
@@ -279,7 +320,10 @@ class Session:
 
     def _add_chunk(self, message: wire.Message) -> Optional[Deferred]:
         if self.chunks is None:
-            self.chunks = ChunkAssembler()
+            memory = _chunk_memory.get(self.server)
+            if memory is None:
+                memory = _chunk_memory[self.server] = ChunkMemory(self.server.config.max_chunk_memory)
+            self.chunks = ChunkAssembler(memory=memory)
         try:
             whole = self.chunks.add(message, self.server.clock.seconds())
         except ChunkError as e:
@@ -288,7 +332,7 @@ class Session:
         if whole is None:
             return None
         try:
-            reassembled = wire.decode(whole, self._new_id)
+            reassembled = wire.decode(whole, self._new_id, self.server.config.max_message_size)
         except wire.DecodeError:
             self._log.debug("reassembled chunks from {session} do not decode", session=self.id)
             return None
@@ -300,7 +344,15 @@ class Session:
         return self._dispatch(reassembled, len(whole))
 
     def closed(self) -> None:
-        """The connection is gone: forget it everywhere (idempotent)."""
+        """
+        The connection is gone: forget it everywhere (idempotent), and let go of what it held
+        (its chunk sets, and the connection itself), since a handler still waiting on storage
+        may keep the session for a while.
+        """
         self._open = False
         self._queue.clear()
+        if self.chunks is not None:
+            self.chunks.clear()
+            self.chunks = None
+        self.client = _DISCONNECTED
         self.server.session_closed(self)

@@ -3,8 +3,13 @@ The WebSocket adapter: Autobahn on one side, a L{synckit.session.Session} on the
 
 It holds no sync logic.  It works out the client's address at the handshake, opens a session,
 hands it every message, and sends the frames the session gives it, each framed once and cached on
-the frame: a broadcast to a thousand subscribers is framed once.  The wire protocol is
-in ../shared/PROTOCOL.md (sections 2-4); the session module says how a message is handled.
+the frame: a broadcast to a thousand subscribers is framed once.  The session module says how a
+message is handled.
+
+It also bounds what a connection can cost when its client misbehaves (docs/security.md): bytes
+waiting to be sent to a client that does not read, time to authenticate, and liveness counted
+from pongs only.  And it leaves nothing of a closed connection in a reference cycle, so its memory
+comes back when it closes rather than at the next full garbage collection.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from synckit.config import Config
 from synckit.limits import forwarded_client
@@ -109,11 +116,33 @@ class _Deferred:
         return format(pprint.pformat(self.value), spec)
 
 
+def _no_result(protocol: object) -> None:
+    return None
+
+
+@implementer(IPushProducer)
 class SyncProtocol(WebSocketServerProtocol):
+    """
+    One WebSocket connection.  It is the push producer of its transport: the transport pauses it
+    when its buffer is full and resumes it once that buffer is empty, and what is sent in between
+    is counted against C{max_send_queue}.
+    """
+
     _log = Logger()  # Autobahn owns .log
     factory: "SyncFactory"
     _session: Optional[Session] = None
     _ip = "unknown"
+    #: whether the transport's buffer is full (paused), and the bytes sent since it filled
+    _paused = False
+    _unsent = 0
+    _auth_deadline: Optional[IDelayedCall] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Autobahn fires is_closed with the protocol itself, which the Deferred then holds as
+        # its result: a cycle that kept every closed connection (and all it references) until
+        # the cyclic garbage collector ran.  Nothing here waits on it.
+        self.is_closed.addCallback(_no_result)
 
     def _connectionMade(self) -> None:
         # Autobahn pretty-prints its 40-odd options for a debug line on every new connection,
@@ -130,7 +159,34 @@ class SyncProtocol(WebSocketServerProtocol):
         self._ip = client_ip(request.headers, request.peer, self.factory.sync_server.config.trusted_proxies)
 
     def onOpen(self) -> None:
-        self._session = self.factory.sync_server.open_session(self, self._ip)
+        server = self.factory.sync_server
+        self._session = session = server.open_session(self, self._ip)
+        try:
+            self.transport.registerProducer(self, True)
+        except RuntimeError:
+            # An upgrade that came through twisted.web leaves its HTTP channel registered as
+            # the transport's producer; the channel is done, and a transport has one producer.
+            self.transport.unregisterProducer()
+            self.transport.registerProducer(self, True)
+        config = server.config
+        if config.auth_required and config.auth_timeout and self.state == WebSocketProtocol.STATE_OPEN:
+            self._auth_deadline = server.clock.callLater(config.auth_timeout / 1000, self._auth_overdue)
+
+    def _auth_overdue(self) -> None:
+        """
+        A connection that has not authenticated in C{auth_timeout} is closed (1008): it can do
+        nothing but ping, and otherwise holds a connection slot forever.
+        """
+        self._auth_deadline = None
+        session = self._session
+        if session is None or session.authenticated:
+            return
+        self._log.info(
+            "closing {session} ({ip}): not authenticated within {timeout} ms",
+            session=session.id, ip=self._ip, timeout=self.factory.sync_server.config.auth_timeout,
+        )  # fmt: skip
+        session.error("Authentication timeout", {"code": "AUTH_REQUIRED"})
+        session.close(1008, "Authentication timeout")
 
     def onMessageEnd(self) -> None:
         # Autobahn's own also fires a "message" event for observers, through a Deferred and
@@ -149,6 +205,9 @@ class SyncProtocol(WebSocketServerProtocol):
         if self.closeHandshakeTimeoutCall is not None:
             self.closeHandshakeTimeoutCall.cancel()
             self.closeHandshakeTimeoutCall = None
+        if self._auth_deadline is not None:
+            self._auth_deadline.cancel()
+            self._auth_deadline = None
         if self._session is not None:
             self._session.closed()
             self._session = None
@@ -163,6 +222,11 @@ class SyncProtocol(WebSocketServerProtocol):
             # The WebSocket frame, built once per frame and encoding (we never negotiate
             # compression, so one framing fits every connection).
             framed = frame.cache[binary] = websocket_frame(frame.encoded(binary), binary)
+        if self._paused:
+            self._unsent += len(framed)
+            if self._unsent > self.factory.sync_server.config.max_send_queue:
+                self._overflow()
+                return
         if self.send_queue:
             self.sendData(framed)  # keep Autobahn's order behind anything it queued itself
         else:
@@ -174,6 +238,38 @@ class SyncProtocol(WebSocketServerProtocol):
         # sendClose() refuses the protocol's own codes (1001, 1008); the frame method does not.
         if self.state == WebSocketProtocol.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
+
+    def _overflow(self) -> None:
+        """
+        The client has not read what was sent to it while C{max_send_queue} more bytes were
+        queued: drop the connection, discarding the queue at once.  A close frame would wait
+        behind everything the client is not reading, and so would the memory.
+        """
+        session = self._session
+        self._log.warn(
+            "dropped {session} ({ip}): over {limit} bytes queued that it does not read",
+            session=session.id if session is not None else None, ip=self._ip,
+            limit=self.factory.sync_server.config.max_send_queue,
+        )  # fmt: skip
+        self.dropConnection(abort=True)
+
+    # IPushProducer, for the transport
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's buffer is full: count what is sent until it is empty again.  Twisted
+        says so on every write while it stays full, so only the first call starts the count.
+        """
+        if not self._paused:
+            self._paused = True
+            self._unsent = 0
+
+    def resumeProducing(self) -> None:
+        """The transport's buffer is empty: the client reads."""
+        self._paused = False
+
+    def stopProducing(self) -> None:
+        """The connection is gone; onClose does the rest."""
 
 
 class EchoProtocol(WebSocketServerProtocol):
@@ -204,6 +300,9 @@ class SyncFactory(WebSocketServerFactory):
             maxFramePayloadSize=config.max_frame_size,
             autoPingInterval=interval,
             autoPingTimeout=interval,
+            # Only a pong proves the peer reads: by default any message it sends would count,
+            # and a client that sends but never reads would never be found dead.
+            autoPingRestartOnAnyTraffic=False,
             # Close over-size messages with 1009 instead of dropping TCP, so replies already
             # queued for that client are delivered first.
             failByDrop=False,

@@ -68,6 +68,15 @@ class DecodeError(ValueError):
 #: 254 levels), and a value that was accepted must be broadcast and served back later.
 MAX_DEPTH = 200
 
+#: How deep orjson encodes: one level more and it refuses.  L{_too_deep} relies on it, and a test
+#: fails on an orjson that changes it.
+ORJSON_MAX_DEPTH = 254
+
+#: Characters of the message size limit per array or object, and per ``,`` or ``:``, that a
+#: message may have before it is parsed (L{check_cost}).
+CHARS_PER_CONTAINER = 16
+CHARS_PER_ITEM = 4
+
 
 def js_truthy(value: Any) -> bool:
     """Truthiness as JavaScript has it: empty arrays and objects are true, NaN is false."""
@@ -78,25 +87,52 @@ def js_truthy(value: Any) -> bool:
     return bool(value)
 
 
-def _depth(value: Any) -> int:
-    """Nesting depth of a parsed JSON value, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict):
-            item = item.values()
-        elif not isinstance(item, list):
-            continue
-        deepest = max(deepest, level)
-        stack.extend((child, level + 1) for child in item)
-    return deepest
+def check_cost(raw: bytes, max_size: int) -> int:
+    """
+    Refuse JSON whose parsing would cost too much, before it is parsed; returns how many C{[}
+    and C{{} bytes it has.
+
+    Parsing time goes with the number of values, above all arrays and objects (each a Python
+    object the garbage collector tracks), not with bytes: a 15 MB message of empty arrays took
+    orjson 1.2 s, in which no other client was served.  A message may have one array or object
+    per L{CHARS_PER_CONTAINER} characters of C{max_size} (the message size limit) and one
+    separator (C{,} or C{:}) per L{CHARS_PER_ITEM}: at the default limit, 125,000 and 500,000,
+    which parse in tens of milliseconds.  The bytes are counted at C speed, strings included: text
+    full of brackets or commas counts as much as structure, so the bounds leave room for that.
+
+    @raise DecodeError: when it has more than that.
+    """
+    containers = raw.count(b"[") + raw.count(b"{")
+    if containers > max_size // CHARS_PER_CONTAINER:
+        raise DecodeError(f"more than {max_size // CHARS_PER_CONTAINER} arrays and objects")
+    if raw.count(b",") + raw.count(b":") > max_size // CHARS_PER_ITEM:
+        raise DecodeError(f"more than {max_size // CHARS_PER_ITEM} members and elements")
+    return containers
 
 
-def _loads(raw: bytes) -> Any:
+def _too_deep(value: Any) -> bool:
     """
-    Parse JSON from UTF-8 bytes.  Invalid UTF-8 is replaced with U+FFFD first, as the
-    reference's ``Buffer.toString('utf8')`` does; the fast path is one orjson call.
+    Whether a parsed value is nested more than L{MAX_DEPTH} levels deep, at C speed: wrapped in
+    C{ORJSON_MAX_DEPTH - MAX_DEPTH} more lists, it encodes exactly when it is shallow enough
+    (values orjson parsed have nothing else it could refuse to encode).  A walk in Python took
+    seconds on a message of millions of empty arrays.
     """
+    for _ in range(ORJSON_MAX_DEPTH - MAX_DEPTH):
+        value = [value]
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return True
+    return False
+
+
+def _loads(raw: bytes, max_size: Optional[int]) -> Any:
+    """
+    Parse JSON from UTF-8 bytes, after L{check_cost} when C{max_size} is given.  Invalid UTF-8
+    is replaced with U+FFFD first, as the reference's ``Buffer.toString('utf8')`` does; the fast
+    path is one orjson call.
+    """
+    containers = check_cost(raw, max_size) if max_size is not None else None
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -104,28 +140,32 @@ def _loads(raw: bytes) -> Any:
             value = orjson.loads(raw.decode("utf-8", "replace"))
         except orjson.JSONDecodeError as e:
             raise DecodeError(f"invalid JSON: {e}") from None
-    # Only a message with that many brackets can be that deep: the exact walk is rarely needed.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+    # Only a message with that many brackets can be that deep: the check is rarely needed.
+    if containers is None:
+        containers = raw.count(b"[") + raw.count(b"{")
+    if containers > MAX_DEPTH and _too_deep(value):
         raise DecodeError(f"nested more than {MAX_DEPTH} levels deep")
     return value
 
 
-def decode(data: bytes, new_id: Callable[[], str]) -> Message:
+def decode(data: bytes, new_id: Callable[[], str], max_size: Optional[int] = None) -> Message:
     """
     Decode one WebSocket message.
 
     @param data: the message bytes (text frames as their UTF-8 bytes).
     @param new_id: makes an id for a binary message whose payload has none; the reference does
         the same, and correlation fields (``requestId``, ``messageId``) then carry that id.
+    @param max_size: the message size limit, in characters, when C{data} comes from a client:
+        it bounds what the JSON may cost to parse (L{check_cost}).  C{None} for trusted input.
     @raise DecodeError: for anything that is not a valid message.
     """
     if data[:1] == b"{":
-        return _decode_json(data)
-    return _decode_binary(data, new_id)
+        return _decode_json(data, max_size)
+    return _decode_binary(data, new_id, max_size)
 
 
-def _decode_json(data: bytes) -> Message:
-    obj = _loads(data)
+def _decode_json(data: bytes, max_size: Optional[int]) -> Message:
+    obj = _loads(data, max_size)
     if not isinstance(obj, dict):
         raise DecodeError("JSON message is not an object")
     # The reference checks truthiness before flattening, so these must be at the top level.
@@ -145,7 +185,7 @@ def _decode_json(data: bytes) -> Message:
     return flat
 
 
-def _decode_binary(data: bytes, new_id: Callable[[], str]) -> Message:
+def _decode_binary(data: bytes, new_id: Callable[[], str], max_size: Optional[int]) -> Message:
     if len(data) < HEADER_SIZE:
         raise DecodeError(f"binary frame of {len(data)} bytes is shorter than its header")
     code, timestamp, length = HEADER.unpack_from(data)
@@ -155,7 +195,7 @@ def _decode_binary(data: bytes, new_id: Callable[[], str]) -> Message:
     name = CODE_TYPES.get(code)
     if name is None:
         raise DecodeError(f"unknown type code 0x{code:02x}")
-    payload = _loads(data[HEADER_SIZE:end])
+    payload = _loads(data[HEADER_SIZE:end], max_size)
     if payload is None:
         payload = {}
     elif not isinstance(payload, dict):
@@ -186,6 +226,33 @@ def may_exceed(raw_size: int, limit: int) -> bool:
     return raw_size * 5 + 256 > limit
 
 
+def _dumps(value: Any) -> bytes:
+    """
+    C{value} as JSON.  orjson refuses integers beyond 64 bits, which no client's JSON gives us
+    (orjson reads them as floats) but a stored row written by another program could: those are
+    sent as the floats JavaScript would read them as (C{null} past a double's range), so that
+    one such value never makes a document impossible to send.
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_portable(value))
+
+
+def _portable(value: Any) -> Any:
+    """C{value} with every integer orjson cannot encode replaced by a float (or C{None})."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return value
+
+
 class Frame:
     """
     One outgoing message.  Its binary and JSON encodings are each made once, on first use, and
@@ -208,14 +275,14 @@ class Frame:
     def binary(self) -> bytes:
         """The binary frame: header, then the body (which carries ``id`` but not type/timestamp)."""
         if self._binary is None:
-            payload = orjson.dumps(self.body)
+            payload = _dumps(self.body)
             self._binary = HEADER.pack(TYPE_CODES[self.type], self.timestamp, len(payload)) + payload
         return self._binary
 
     def text(self) -> bytes:
         """The JSON encoding: the whole message, type and timestamp included, as UTF-8."""
         if self._text is None:
-            self._text = orjson.dumps({"type": self.type, "timestamp": self.timestamp, **self.body})
+            self._text = _dumps({"type": self.type, "timestamp": self.timestamp, **self.body})
         return self._text
 
     def encoded(self, binary: bool) -> bytes:

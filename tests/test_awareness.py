@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.pubsub.local import LocalBus
 from synckit.session import Session
-from synckit.sync.awareness import Awareness
+from synckit.sync.awareness import Awareness, PresenceLimit
 from tests.helpers import FakeClient, Harness, HarnessCase
 
 NOW = 1_700_000_000_000
@@ -394,3 +394,70 @@ class AwarenessMessageTests(HarnessCase):
         session, client = self.watcher(h)
         h.send(session, "awareness_update", {"documentId": "d", "state": "here"})
         self.assertEqual([(m["type"], m["error"]) for m in client.take()], [("error", "Failed to update awareness")])
+
+
+class PresenceBoundTests(HarnessCase):
+    """Presence from this instance's connections is bounded in size and number (issue 11)."""
+
+    def update(self, h: Harness, session: Session, client_id: str, state: Any, doc_id: str = "d") -> None:
+        h.send(session, "awareness_update", {"documentId": doc_id, "clientId": client_id, "state": state, "clock": 1})
+
+    def refusals(self, client: FakeClient) -> list[str]:
+        return [m["error"] for m in client.take() if m["type"] == "error"]
+
+    def test_state_size(self) -> None:
+        """A state (with its clock) over max-presence-size bytes of JSON is refused and not stored."""
+        h = self.harness(max_presence_size=100)
+        session, client = h.connect()
+        self.update(h, session, "c1", "x" * 88)  # "x..." is 90 bytes, the clock 1
+        self.update(h, session, "c2", "x" * 98)
+        self.assertEqual(self.refusals(client), ["Presence state too large (101 bytes, max 100)"])
+        self.assertEqual([s["clientId"] for s in h.present()], ["c1"])
+
+    def test_per_document(self) -> None:
+        """
+        A document holds at most max-presence-per-document client ids: one more is refused,
+        whoever sends it, while existing ones may still change or leave.
+        """
+        h = self.harness(max_presence_per_document=2)
+        first, first_client = h.connect()
+        second, second_client = h.connect()
+        self.update(h, first, "c1", "a")
+        self.update(h, second, "c2", "b")
+        self.update(h, second, "c3", "c")
+        self.assertEqual(self.refusals(second_client), ["Too many presence states on this document (max 2)"])
+        self.update(h, second, "c2", "b2")
+        self.update(h, first, "c1", None)
+        self.update(h, second, "c3", "c")
+        self.assertEqual(self.refusals(second_client), [])
+        self.assertEqual(sorted(s["clientId"] for s in h.present()), ["c2", "c3"])
+
+    def test_per_connection(self) -> None:
+        """
+        One connection publishes at most max-presence-per-connection client ids over all
+        documents; closing it gives them back.
+        """
+        h = self.harness(max_presence_per_connection=2)
+        session, client = h.connect()
+        self.update(h, session, "c1", "a", "d1")
+        self.update(h, session, "c2", "a", "d2")
+        self.update(h, session, "c3", "a", "d3")
+        self.assertEqual(self.refusals(client), ["Too many presence states on this connection (max 2)"])
+        session.closed()
+        again, again_client = h.connect()
+        for n in (1, 2):
+            self.update(h, again, f"c{n}", "a", f"d{n}")
+        self.assertEqual(self.refusals(again_client), [])
+
+
+class AwarenessAdmitTests(SynchronousTestCase):
+    def test_replacing_own_state_always_admitted(self) -> None:
+        """At both bounds, an owner may still replace its own state; taking over another's counts as new."""
+        awareness = Awareness()
+        awareness.update("d", "c1", "here", 1, NOW, "s1")
+        awareness.update("d", "c2", "here", 1, NOW, "s2")
+        awareness.admit("d", "c1", "s1", 2, 1)
+        self.assertRaises(PresenceLimit, awareness.admit, "d", "c3", "s3", 2, 1)
+        self.assertRaises(PresenceLimit, awareness.admit, "d", "c2", "s1", 5, 1)
+        awareness.update("d", "c2", "mine", 1, NOW, "s1")  # taken over: s2 owns none now
+        awareness.admit("e", "c9", "s2", 2, 1)

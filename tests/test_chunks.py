@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from synckit.chunks import ChunkAssembler, ChunkError, decode_base64
+from synckit.chunks import ChunkAssembler, ChunkError, ChunkMemory, decode_base64
 
 
 def chunk(chunk_id: str, total: Any, index: Any, data: bytes) -> dict[str, Any]:
@@ -219,3 +219,29 @@ class Base64Tests(SynchronousTestCase):
         data = bytes(range(256))
         self.assertEqual(decode_base64(base64.b64encode(data).decode()), data)
         self.assertEqual(decode_base64(base64.urlsafe_b64encode(data).decode()), data)
+
+
+class ChunkMemoryTests(SynchronousTestCase):
+    def test_shared_between_assemblers(self) -> None:
+        """Two assemblers sharing a ChunkMemory count against one cap: the set that goes over it is dropped."""
+        memory = ChunkMemory(10)
+        first, second = ChunkAssembler(memory=memory), ChunkAssembler(memory=memory)
+        self.assertIsNone(first.add(chunk("a", 2, 0, b"123456"), 0))
+        self.assertEqual(memory.used, 6)
+        self.assertRaises(ChunkError, second.add, chunk("b", 2, 0, b"123456"), 0)
+        self.assertEqual(memory.used, 6)
+        self.assertFalse(second)
+
+    def test_completion_expiry_and_clear_give_back(self) -> None:
+        """Bytes return to the shared cap when a set completes, expires, or its connection is cleared."""
+        memory = ChunkMemory(100)
+        assembler = ChunkAssembler(memory=memory, timeout=30)
+        assembler.add(chunk("a", 2, 0, b"123"), 0)
+        self.assertEqual(assembler.add(chunk("a", 2, 1, b"456"), 0), b"123456")
+        assembler.add(chunk("b", 2, 0, b"123"), 0)
+        assembler.expire(31)
+        assembler.add(chunk("c", 2, 0, b"123"), 40)
+        assembler.add(chunk("d", 2, 0, b"123"), 40)
+        self.assertEqual(memory.used, 6)
+        assembler.clear()
+        self.assertEqual((memory.used, bool(assembler)), (0, False))

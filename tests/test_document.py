@@ -11,6 +11,8 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.sync.document import (
+    MAX_CLOCK_ENTRIES,
+    MAX_CLOCK_KEY,
     MAX_COUNTER,
     RESTORED,
     SERVER_CLOCK,
@@ -349,3 +351,52 @@ class ServedClockTests(SynchronousTestCase):
         """The entry never passes what JavaScript clients can represent."""
         doc = Document("d", clock={"c": MAX_COUNTER})
         self.assertEqual(doc.served_clock(NOW)[SERVER_CLOCK], MAX_COUNTER)
+
+
+class ClockBoundTests(SynchronousTestCase):
+    """A document's clock grows by merges only up to a bound; writers' own entries are kept."""
+
+    def test_new_entries_stop_at_the_bound(self) -> None:
+        """
+        A 50,000-entry clock merged in (a client's, another instance's) adds entries only up to
+        MAX_CLOCK_ENTRIES, so that no client can make every later message about the document huge.
+        """
+        doc = Document("d", clock={"conn-1@a": 3})
+        self.assertTrue(doc.merge_clock({f"x{i}": i for i in range(50_000)}))
+        self.assertEqual(len(doc.clock), MAX_CLOCK_ENTRIES)
+        self.assertEqual(doc.clock["conn-1@a"], 3)
+        self.assertFalse(doc.merge_clock({"late": 1}))
+        self.assertNotIn("late", doc.clock)
+
+    def test_entries_it_has_still_grow(self) -> None:
+        """At the bound, entries the clock already has are still raised, and its writers' entries kept."""
+        doc = Document("d", clock={f"x{i}": 0 for i in range(MAX_CLOCK_ENTRIES)})
+        self.assertTrue(doc.merge_clock({"x7": 9, "new": 1}))
+        self.assertEqual((doc.clock["x7"], len(doc.clock)), (9, MAX_CLOCK_ENTRIES))
+        write(doc, "f", 1, "conn-2@a", NOW)
+        self.assertEqual(doc.clock["conn-2@a"], 1)
+
+    def test_long_keys_ignored(self) -> None:
+        """Each entry costs at most MAX_CLOCK_KEY characters of its key: longer keys are not merged."""
+        into: dict[str, int] = {}
+        merge_clock(into, {"k" * (MAX_CLOCK_KEY + 1): 1, "k" * MAX_CLOCK_KEY: 2})
+        self.assertEqual(into, {"k" * MAX_CLOCK_KEY: 2})
+
+
+class TombstoneCollectionTests(SynchronousTestCase):
+    def test_old_tombstones_are_forgotten(self) -> None:
+        """
+        collect_tombstones forgets deletes stamped before the cut-off and nothing else: newer
+        deletes still beat older writes, and visible fields keep their stamps.
+        """
+        doc = Document("d")
+        write(doc, "gone", 1, "conn-1", NOW)
+        write(doc, "gone", TOMBSTONE, "conn-1", NOW + 1)
+        write(doc, "recent", 1, "conn-1", NOW + 2)
+        write(doc, "recent", TOMBSTONE, "conn-1", NOW + 5000)
+        write(doc, "kept", 1, "conn-1", NOW)
+        self.assertEqual(doc.collect_tombstones(NOW + 1000), 1)
+        self.assertFalse(doc.merge("recent", "stale", (NOW + 10, 1, "conn-9")))
+        self.assertTrue(doc.merge("gone", "stale", (NOW + 10, 1, "conn-9")))
+        self.assertFalse(doc.merge("kept", "stale", (1, 1, "conn-9")))
+        self.assertEqual(doc.fields, {"kept": 1, "gone": "stale"})

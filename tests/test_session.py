@@ -539,3 +539,82 @@ class ChunkTests(PipelineTestCase):
         self.assertEqual(client.take(), [])
         h.send(session, "delta_batch_chunk", chunks[1])
         self.assertEqual(errors(client.take()), [("Not authenticated", None)])
+
+
+class InvalidMessageLimitTests(PipelineTestCase):
+    def test_invalid_messages_answered_up_to_the_limit_then_closed(self) -> None:
+        """
+        Undecodable messages each get an error up to max-invalid-messages-per-minute; the next
+        one gets "Too many invalid messages" and closes the connection (1008), and nothing more
+        is answered.
+        """
+        h = self.harness(max_invalid_messages_per_minute=3)
+        session, client = h.connect()
+        for _ in range(3):
+            session.receive(b"\x00", True)
+        self.assertEqual(errors(client.take()), [("Invalid message format", None)] * 3)
+        self.assertIsNone(client.closed)
+        session.receive(b"\x00", True)
+        session.receive(b"\x00", True)
+        self.assertEqual(errors(client.take()), [("Too many invalid messages", {"code": "INVALID_MESSAGE"})])
+        self.assertEqual(client.closed, (1008, "Too many invalid messages"))
+
+    def test_invalid_message_window_slides(self) -> None:
+        """The limit is per sliding minute: a minute later, invalid messages are answered again."""
+        h = self.harness(max_invalid_messages_per_minute=2)
+        session, client = h.connect()
+        for _ in range(2):
+            session.receive(b"\x00", True)
+        h.clock.advance(61)
+        for _ in range(2):
+            session.receive(b"\x00", True)
+        self.assertEqual(errors(client.take()), [("Invalid message format", None)] * 4)
+        self.assertIsNone(client.closed)
+
+    def test_decode_bounded_by_message_size_limit(self) -> None:
+        """
+        A message with more arrays than the size limit allows is refused as undecodable
+        before it is parsed, in a frame or reassembled from chunks.
+        """
+        h = self.harness(max_message_size=1600)
+        session, client = h.connect()
+        wide = {"id": "w", "v": [[] for _ in range(200)]}
+        h.send(session, "ping", wide)
+        self.assertEqual(errors(client.take()), [("Invalid message format", None)])
+        for chunk in chunked(binary("ping", wide), 2):
+            h.send(session, "delta_batch_chunk", chunk)
+        self.assertEqual(client.take(), [])
+        h.send(session, "ping", {"id": "w", "v": [[] for _ in range(50)]})
+        self.assertEqual(kinds(client.take()), ["pong"])
+
+
+class ChunkMemoryTests(PipelineTestCase):
+    def test_chunk_memory_shared_by_all_connections(self) -> None:
+        """
+        max-chunk-memory bounds the unfinished chunk sets of all connections together: a set
+        that would go over it is dropped, and a closed connection's sets give their bytes back.
+        """
+        h = self.harness(max_chunk_memory=3200)
+        frame = binary("delta", {"id": "big", "documentId": "d", "delta": {"k": "v" * 3000}, "vectorClock": {}})
+        self.assertEqual(len(frame), 3084)
+        first, first_client = h.connect()
+        second, second_client = h.connect()
+        for chunk in chunked(frame, 3, "a")[:2]:
+            h.send(first, "delta_batch_chunk", chunk)  # 2056 bytes held
+        h.send(second, "delta_batch_chunk", chunked(frame, 2, "b")[0])  # 3598 in all: dropped
+        self.assertEqual(second_client.take(), [])
+        first.closed()
+        for chunk in chunked(frame, 2, "c"):
+            h.send(second, "delta_batch_chunk", chunk)
+        self.assertEqual(kinds(second_client.take()), ["ack"])
+
+    def test_closed_session_lets_go(self) -> None:
+        """A closed session drops its chunk sets and its connection, which a late handler could keep."""
+        h = self.harness()
+        session, client = h.connect()
+        h.send(session, "delta_batch_chunk", chunked(binary("ping", {}), 2)[0])
+        session.closed()
+        self.assertIsNone(session.chunks)
+        self.assertIsNot(session.client, client)
+        session.close(1000, "again")
+        self.assertIsNone(client.closed)

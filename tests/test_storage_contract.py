@@ -12,10 +12,10 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from synckit.storage.interface import DocumentWrites, FieldWrite, IStorage, StoredDocument
+from synckit.storage.interface import Cleaned, DocumentWrites, FieldWrite, IStorage, StoredDocument
 from synckit.storage.memory import MemoryStorage
 from synckit.storage.postgres import PostgresStorage
-from synckit.sync.document import TOMBSTONE
+from synckit.sync.document import MAX_CLOCK_ENTRIES, TOMBSTONE
 from tests.services import shared_postgres
 
 
@@ -128,6 +128,63 @@ class StorageContract:
         await storage.clear()
         self.assertIsNone(await storage.load("d"))  # type: ignore[attr-defined]
         self.assertIsNone(await storage.load("t"))  # type: ignore[attr-defined]
+
+    async def test_long_batch_in_one_call(self) -> None:
+        """
+        30,000 writes in one save (30 times what one message may carry), some fields written
+        several times and some deleted: each field ends with its newest write, as if saved one
+        by one.  On PostgreSQL before migration 004 this one call ran for minutes.
+        """
+        storage = await self.fresh()
+        writes = [write(f"f{i % 10_000}", i, "w1", i + 1, 1000 + i) for i in range(30_000)]
+        writes += [write(f"f{i}", TOMBSTONE, "w2", i + 1, 50_000) for i in range(0, 10_000, 2)]
+        await save(storage, "d", writes)
+        stored = await storage.load("d")
+        self.assertEqual(stored.fields, {f"f{i}": 20_000 + i for i in range(1, 10_000, 2)})  # type: ignore[attr-defined]
+        self.assertEqual(len(stored.stamps), 10_000)  # type: ignore[attr-defined]
+        self.assertEqual(stored.clock, {"w1": 30_000, "w2": 9_999})  # type: ignore[attr-defined]
+
+    async def test_equal_stamps_keep_the_first(self) -> None:
+        """Of two writes of a field with the same stamp, the first saved stays, in one call or two."""
+        storage = await self.fresh()
+        await save(storage, "d", [write("f", "first"), write("f", "second"), write("g", "first")])
+        await save(storage, "d", [write("g", "second")])
+        self.assertEqual((await storage.load("d")).fields, {"f": "first", "g": "first"})  # type: ignore[attr-defined]
+
+    async def test_longest_document_id(self) -> None:
+        """A document id of 256 characters, the longest the protocol allows, is stored and read back."""
+        storage = await self.fresh()
+        await save(storage, "d" * 256, [write("f", 1)])
+        self.assertEqual((await storage.load("d" * 256)).fields, {"f": 1})  # type: ignore[attr-defined]
+
+    async def test_loaded_clock_is_bounded(self) -> None:
+        """
+        However many connections wrote a document, a load gives at most MAX_CLOCK_ENTRIES clock
+        entries, the most recently raised among them.
+        """
+        storage = await self.fresh()
+        await save(storage, "d", [write(f"f{i}", i, f"conn-{i}", 1) for i in range(MAX_CLOCK_ENTRIES + 50)])
+        await save(storage, "d", [write("g", 1, "conn-0", 2)])
+        clock = (await storage.load("d")).clock  # type: ignore[attr-defined]
+        self.assertEqual(len(clock), MAX_CLOCK_ENTRIES)  # type: ignore[attr-defined]
+        self.assertEqual(clock["conn-0"], 2)  # type: ignore[attr-defined]
+
+    async def test_cleanup_forgets_old_tombstones(self) -> None:
+        """
+        Cleanup forgets the stamps of fields deleted before the cut-off, and nothing else: newer
+        deletes, visible fields and other documents keep theirs.
+        """
+        storage = await self.fresh()
+        await save(storage, "d", [write("old", 1, ts=500), write("new", 1, ts=500), write("live", 1, ts=500)])
+        await save(storage, "d", [write("old", TOMBSTONE, counter=2, ts=1000), write("new", TOMBSTONE, counter=3, ts=5000)])
+        await save(storage, "e", [write("f", 1, ts=500)])
+        cleaned = await storage.cleanup(0, 3.0)
+        self.assertEqual(cleaned.documents, 1)  # type: ignore[attr-defined]
+        stored = await storage.load("d")
+        self.assertEqual(stored.stamps, {"new": (5000, 3, "w1"), "live": (500, 1, "w1")})  # type: ignore[attr-defined]
+        self.assertEqual(stored.fields, {"live": 1})  # type: ignore[attr-defined]
+        self.assertEqual((await storage.load("e")).stamps, {"f": (500, 1, "w1")})  # type: ignore[attr-defined]
+        self.assertEqual(await storage.cleanup(0, 3.0), Cleaned(0, 0))  # type: ignore[attr-defined]
 
     async def test_ping(self) -> None:
         storage = await self.fresh()

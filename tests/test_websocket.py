@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from synckit import wire
 from synckit.websocket import SMALL_FRAME, SyncFactory, client_ip, create_masker, websocket_frame
 from tests.helpers import Harness, binary
+from tests.test_hostile import client_frame
 
 
 class Recorder(WebSocketClientProtocol):
@@ -107,6 +108,71 @@ class AdapterTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual([m["type"] for m, _ in client.received], ["auth_error"])
         self.assertEqual(client.close_info, (True, 1008, "Authentication failed"))
+
+    def test_sending_is_not_answering_pings(self) -> None:
+        """
+        A peer that keeps sending messages but never answers a ping is dropped at the heartbeat
+        timeout: only a pong counts as proof that it reads (Autobahn would count any message).
+        """
+        harness = Harness(clock=self.clock, heartbeat_interval=30_000)
+        pump, client, server = self.connect(harness)
+        self.clock.advance(30)  # the server pings; the client never sees it (no pump)
+        for _ in range(7):
+            self.clock.advance(5)
+            server.dataReceived(client_frame(binary("ping", {})))
+        self.assertTrue(server.transport.disconnecting)
+        pump.flush()
+        self.assertEqual(len(harness.server.sessions), 0)
+
+    def test_unread_bytes_over_the_send_queue_drop_the_connection(self) -> None:
+        """
+        Once the transport says its buffer is full, what is sent is counted: past max-send-queue
+        the connection is dropped (not closed with a frame, which would wait behind the rest)
+        and nothing more is written; an emptied buffer starts the count again.
+        """
+        harness = Harness(clock=self.clock, max_send_queue=100_000)
+        pump, client, server = self.connect(harness)
+        [session] = harness.server.sessions
+        big = wire.Frame("awareness_state", 1, {"id": "x", "states": "y" * 60_000})
+        server.pauseProducing()
+        session.send(big)
+        server.resumeProducing()
+        server.pauseProducing()
+        session.send(big)
+        self.assertFalse(server.transport.disconnecting)
+        written = len(server.transport.stream)
+        session.send(big)
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(len(server.transport.stream), written)
+        pump.flush()
+        self.assertEqual(len(harness.server.sessions), 0)
+
+    def test_unauthenticated_connection_closed_after_auth_timeout(self) -> None:
+        """
+        With auth required, a connection that has not authenticated within auth-timeout gets
+        "Authentication timeout" and a close (1008); one that authenticated stays, and closing
+        it leaves nothing scheduled.
+        """
+        harness = Harness(clock=self.clock, auth_required=True, auth_timeout=10_000, api_keys=("k",))
+        pump, idle, _ = self.connect(harness)
+        pump2, authed, _ = self.connect(harness)
+        authed.sendMessage(binary("auth", {"id": "a", "apiKey": "k"}), isBinary=True)
+        pump2.flush()
+        self.clock.advance(10)
+        pump.flush()
+        pump2.flush()
+        self.assertEqual([m.get("error") for m, _ in idle.received], ["Authentication timeout"])
+        self.assertEqual(idle.close_info, (True, 1008, "Authentication timeout"))
+        self.assertIsNone(authed.close_info)
+        harness.server.close_all(1001, "Server shutdown")
+        pump2.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_auth_timeout_when_auth_is_off_or_zero(self) -> None:
+        """No deadline is set when auth is not required, or auth-timeout is 0."""
+        for overrides in ({"auth_required": False}, {"auth_required": True, "auth_timeout": 0}):
+            self.connect(Harness(clock=self.clock, heartbeat_interval=0, **overrides))
+            self.assertEqual(self.clock.getDelayedCalls(), [], overrides)
 
     def test_no_timers_left_after_close(self) -> None:
         """Once a connection is closed, nothing of it remains scheduled."""

@@ -475,3 +475,75 @@ class FuzzTests(SynchronousTestCase):
         message = self.check(dumps(obj))
         if message is not None:
             self.assertEqual(message["type"], obj["type"])
+
+
+class DecodeCostTests(SynchronousTestCase):
+    """What a client's message may cost to parse is bounded before orjson sees it (issue 11, item 1)."""
+
+    def refuse_parsing(self) -> None:
+        def parse(data: Any) -> Any:
+            raise AssertionError("orjson parsed a message that should have been refused first")
+
+        self.patch(wire.orjson, "loads", parse)
+
+    def test_bomb_refused_before_parsing(self) -> None:
+        """
+        The issue's 15 MB message of empty arrays, and a 15 MB one of commas, are refused
+        without being parsed, in both encodings.
+        """
+        self.refuse_parsing()
+        arrays = b'{"type":"ping","id":"x","timestamp":1,"a":[' + b",".join([b"[]"] * 5_000_000) + b"]}"
+        items = b'{"type":"ping","id":"x","timestamp":1,"a":[' + b",".join([b"1"] * 7_000_000) + b"]}"
+        for data in (arrays, items, frame(0x30, arrays), frame(0x30, items)):
+            with self.assertRaises(wire.DecodeError):
+                wire.decode(data, IdSource(), max_size=2_000_000)
+
+    def test_bounds_follow_the_size_limit(self) -> None:
+        """
+        A message may hold one array or object per 16 characters of the size limit and one
+        separator (``,`` or ``:``) per 4: exactly that many decode, one more is refused.
+        """
+        limit = 16_000
+        head = b'{"type":"ping","id":"x","timestamp":1,"a":['  # 2 containers, 7 separators
+
+        def arrays(n: int) -> bytes:
+            return head + b",".join([b"[]"] * n) + b"]}"
+
+        def numbers(n: int) -> bytes:
+            return head + b",".join([b"1"] * n) + b"]}"
+
+        most = limit // wire.CHARS_PER_CONTAINER - 2
+        self.assertEqual(len(wire.decode(arrays(most), IdSource(), limit)["a"]), most)
+        self.assertRaises(wire.DecodeError, wire.decode, arrays(most + 1), IdSource(), limit)
+        most = limit // wire.CHARS_PER_ITEM - 7 + 1
+        self.assertEqual(len(wire.decode(numbers(most), IdSource(), limit)["a"]), most)
+        self.assertRaises(wire.DecodeError, wire.decode, numbers(most + 1), IdSource(), limit)
+
+    def test_trusted_input_unbounded(self) -> None:
+        """Without a size limit (what the server itself sent), any number of values decodes."""
+        data = frame(0x13, b'{"id":"s","state":{"a":[' + b",".join([b"[]"] * 200_000) + b"]}}")
+        self.assertEqual(len(decode(data)["state"]["a"]), 200_000)
+
+    def test_deep_and_wide_refused_at_c_speed(self) -> None:
+        """
+        A message both very wide and too deep is refused; one as wide and exactly MAX_DEPTH
+        deep decodes (the depth check encodes the value rather than walking it in Python).
+        """
+        wide = b",".join([b"[]"] * 100_000)
+        for depth, refused in ((wire.MAX_DEPTH - 1, False), (wire.MAX_DEPTH, True)):
+            data = b'{"type":"ping","id":"x","timestamp":1,"w":[' + wide + b'],"d":' + b"[" * depth + b"]" * depth + b"}"
+            if refused:
+                self.assertRaises(wire.DecodeError, wire.decode, data, IdSource(), 4_000_000)
+            else:
+                self.assertEqual(len(wire.decode(data, IdSource(), 4_000_000)["w"]), 100_000)
+
+    def test_orjson_encoding_depth(self) -> None:
+        """
+        orjson encodes 254 levels of nesting and refuses 255: the depth check relies on it,
+        so this fails on an orjson that changes it.
+        """
+        value: Any = []
+        for _ in range(wire.ORJSON_MAX_DEPTH - 1):
+            value = [value]
+        wire.orjson.dumps(value)
+        self.assertRaises(wire.orjson.JSONEncodeError, wire.orjson.dumps, [value])

@@ -97,6 +97,13 @@ class DocumentWrites(NamedTuple):
     text_base: Optional[Text] = None
 
 
+class Cleaned(NamedTuple):
+    """What one cleanup forgot: delta log rows, and documents whose old tombstones were collected."""
+
+    deltas: int
+    documents: int
+
+
 class IStorage(Interface):
     name = Attribute("Short name for logs and /health, e.g. 'memory'.")
 
@@ -107,7 +114,12 @@ class IStorage(Interface):
         """Disconnect after in-flight writes complete."""
 
     def load(doc_id: str) -> "Deferred[Optional[StoredDocument]]":
-        """The stored document, or C{None} if it was never written."""
+        """
+        The stored document, or C{None} if it was never written.  Its clock holds at most
+        L{synckit.sync.document.MAX_CLOCK_ENTRIES} entries, the most recently raised ones: every
+        connection that ever wrote the document has an entry, and the clock goes with every
+        message about it.
+        """
 
     def save(writes: Sequence[DocumentWrites]) -> "Deferred[dict[str, Text]]":
         """
@@ -125,6 +137,16 @@ class IStorage(Interface):
             caller owns).
         @raise StorageUnavailable: nothing was saved (L{StorageTimeout}: the outcome is unknown).
         @raise StorageRefused: the data cannot be stored; nothing was saved.
+        """
+
+    def cleanup(deltas_before: float, tombstones_before: float) -> "Deferred[Cleaned]":
+        """
+        Forget what the data lifecycle lets go (docs/data-lifecycle.md): delta log entries
+        logged before C{deltas_before}, and the stamps of deleted fields stamped before
+        C{tombstones_before} (both POSIX seconds).  Visible fields and their stamps are kept.
+        Saves may run meanwhile; a document being saved may be left for the next cleanup.
+
+        @raise StorageUnavailable: as for L{save}; what was forgotten before stays forgotten.
         """
 
     def ping() -> "Deferred[float]":

@@ -3,7 +3,8 @@ Storage in this process's memory: the default, and the reference for the storage
 
 Nothing survives a restart.  The delta log that SQL storage keeps is not kept here: nothing reads
 it, and in memory it would only grow.  Stored text is an object of its own that only copies
-leave, so that nothing outside can ever change what is stored.
+leave, so that nothing outside can ever change what is stored.  Each document's clock is kept in
+the order its entries were last raised, so that a load gives the most recent ones.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any, Optional, Sequence
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from synckit.storage.interface import DocumentWrites, IStorage, StoredDocument
-from synckit.sync.document import Stamp, Text, is_tombstone
+from synckit.storage.interface import Cleaned, DocumentWrites, IStorage, StoredDocument
+from synckit.sync.document import MAX_CLOCK_ENTRIES, Stamp, Text, collect_tombstones, is_tombstone
 
 
 @implementer(IStorage)
@@ -40,7 +41,7 @@ class MemoryStorage:
         return succeed(
             StoredDocument(
                 dict(self._fields.get(doc_id, {})),
-                dict(self._clocks.get(doc_id, {})),
+                dict(list(self._clocks.get(doc_id, {}).items())[-MAX_CLOCK_ENTRIES:]),
                 Text(text.state.copy(), text.clock) if text is not None else None,
                 dict(self._stamps.get(doc_id, {})),
             )
@@ -71,7 +72,7 @@ class MemoryStorage:
         clock = self._clocks.setdefault(doc.doc_id, {})
         stamps = self._stamps.setdefault(doc.doc_id, {})
         for write in doc.fields:
-            clock[write.writer] = max(clock.get(write.writer, 0), write.counter)
+            clock[write.writer] = max(clock.pop(write.writer, 0), write.counter)
             previous = stamps.get(write.field)
             if previous is not None and previous >= write.stamp:
                 continue
@@ -80,6 +81,13 @@ class MemoryStorage:
                 stored.pop(write.field, None)
             else:
                 stored[write.field] = write.value
+
+    def cleanup(self, deltas_before: float, tombstones_before: float) -> "Deferred[Cleaned]":
+        cutoff = tombstones_before * 1000
+        documents = sum(
+            bool(collect_tombstones(stamps, self._fields.get(doc_id, {}), cutoff)) for doc_id, stamps in self._stamps.items()
+        )
+        return succeed(Cleaned(0, documents))
 
     def ping(self) -> "Deferred[float]":
         return succeed(0.0)

@@ -3,7 +3,8 @@ Storage in PostgreSQL, over txpostgres.
 
 The tables are the reference server's, so either server reads what the other wrote.  A save is
 one statement and so one transaction, which the ``ack`` waits for: ``synckit_save`` (migration
-003) writes the fields, the text and the delta log of any number of documents.  Text is merged
+003) writes the fields, the text and the delta log of any number of documents, in time linear in
+the writes (``synckit_save_writes``, migration 004).  Text is merged
 here and stored compare-and-set: the merge starts from the text the server last had confirmed,
 and if another instance stored text since, the save is refused whole, the stored text read and
 the merge done again, so that instances saving text at once all keep their edits.
@@ -17,6 +18,8 @@ the server refuses writes then, and keeps serving what it has cached.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
 from urllib.parse import urlsplit
@@ -34,6 +37,7 @@ from zope.interface import implementer
 
 from synckit.storage import schema
 from synckit.storage.interface import (
+    Cleaned,
     DocumentWrites,
     IStorage,
     StorageRefused,
@@ -41,13 +45,20 @@ from synckit.storage.interface import (
     StorageUnavailable,
     StoredDocument,
 )
-from synckit.sync.document import Stamp, Text
+from synckit.sync.document import MAX_CLOCK_ENTRIES, Stamp, Text
 from synckit.sync.fugue import FugueText, TextStateError
 
+#: The state as JSON text, parsed here (L{read_json}), not by psycopg2; the clock's most recently
+#: raised entries, up to the bound every loaded clock keeps.
 _LOAD = (
-    "SELECT d.state, (SELECT json_object_agg(client_id, clock_value) FROM vector_clocks"
-    " WHERE document_id = d.id) FROM documents d WHERE d.id = %s"
+    "SELECT d.state::text, (SELECT json_object_agg(client_id, clock_value) FROM"
+    " (SELECT client_id, clock_value FROM vector_clocks WHERE document_id = d.id"
+    " ORDER BY updated_at DESC, client_id LIMIT %s) c) FROM documents d WHERE d.id = %s"
 )
+_CLEANUP = "SELECT deltas, documents FROM synckit_cleanup(to_timestamp(%s), %s, %s)"
+
+#: rows (delta log) and documents (tombstones) one cleanup transaction handles at most
+CLEANUP_BATCH = 1000
 _LOAD_TEXT = "SELECT state->>'crdt', state->'clock' FROM documents WHERE id = %s"
 
 #: how many times a text save is merged again after other instances' saves got in first
@@ -310,11 +321,11 @@ class PostgresStorage:
         raise AssertionError("unreachable")
 
     async def _load(self, doc_id: str) -> Optional[StoredDocument]:
-        rows = await self._call("load", lambda: self._pool.runQuery(_LOAD, (doc_id,)))
+        rows = await self._call("load", lambda: self._pool.runQuery(_LOAD, (MAX_CLOCK_ENTRIES, doc_id)))
         if not rows:
             return None
         state, clock = rows[0]
-        return stored_document(doc_id, state, clock)
+        return stored_document(doc_id, read_json(state), clock)
 
     def load(self, doc_id: str) -> "Deferred[Optional[StoredDocument]]":
         return Deferred.fromCoroutine(self._load(doc_id))
@@ -345,6 +356,20 @@ class PostgresStorage:
             return _Base(Text(FugueText.parse(crdt), _text_clock(clock)), _digest(crdt))
         except TextStateError as e:
             raise StorageRefused(f"the stored text of {doc_id} cannot be read: {e}") from None
+
+    def cleanup(self, deltas_before: float, tombstones_before: float) -> "Deferred[Cleaned]":
+        return Deferred.fromCoroutine(self._cleanup(deltas_before, tombstones_before))
+
+    async def _cleanup(self, deltas_before: float, tombstones_before: float) -> Cleaned:
+        """Batches of L{CLEANUP_BATCH}, each its own transaction, until one comes back short."""
+        total = Cleaned(0, 0)
+        arguments = (deltas_before, int(tombstones_before * 1000), CLEANUP_BATCH)
+        while True:
+            rows = await self._call("cleanup", lambda: self._pool.runQuery(_CLEANUP, arguments))
+            batch = Cleaned(*rows[0])
+            total = Cleaned(total.deltas + batch.deltas, total.documents + batch.documents)
+            if max(batch) < CLEANUP_BATCH:
+                return total
 
     def clear(self) -> Deferred:
         return Deferred.fromCoroutine(self._call("clear", lambda: self._pool.runOperation("DELETE FROM documents")))
@@ -406,6 +431,33 @@ def _record(doc: DocumentWrites, base: Optional[_Base], text: Optional[Text]) ->
         state = text.state.to_json()
         record["text"] = {"base": base.digest, "crdt": state, "content": text.state.text(), "clock": text.clock}
     return record
+
+
+def read_json(text: Optional[str]) -> Any:
+    """
+    A stored JSON value, parsed as the wire parses what clients send, so that every value reads
+    back as it was served before it was stored.  psycopg2's own reader would not: PostgreSQL keeps
+    numbers as decimals (``1e20`` comes back ``100000000000000000000``) and psycopg2 makes Python
+    integers of them, which no JSON encoder of ours can send past 64 bits; orjson reads them as the
+    floats they were.  A number beyond a double's range, which no client of ours can send but a
+    row written by hand can hold, reads as C{None} (JavaScript serves it as ``null``) rather than
+    making the whole document unreadable.
+    """
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_int=_number, parse_float=_number)
+
+
+def _number(text: str) -> Any:
+    """A JSON number as orjson would read it, and C{None} for one beyond a double's range."""
+    digits = text.lstrip("-")
+    if digits.isdigit() and len(digits) <= 20 and -(2**63) <= int(text) < 2**64:
+        return int(text)
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def _text_clock(value: Any) -> int:

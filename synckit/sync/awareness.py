@@ -7,6 +7,9 @@ connection: it ends when the connection closes or unsubscribes, never by a timer
 do not refresh presence that does not change).  Presence from other instances has no connection
 here to watch, so their owners' instance refreshes it (L{Awareness.refresh}) and it expires when
 the refreshes stop: the instance is gone without a word.
+
+What this instance's connections publish is bounded (L{Awareness.admit}): client ids per document
+and per connection; other instances bound their own connections' presence.
 """
 
 from __future__ import annotations
@@ -23,11 +26,35 @@ class Presence(NamedTuple):
     owner: Optional[Hashable]
 
 
+class PresenceLimit(Exception):
+    """Publishing that presence would go over a bound; the message says which."""
+
+
 class Awareness:
     def __init__(self, timeout_ms: int = 30_000) -> None:
         self.timeout_ms = timeout_ms
         self._states: dict[str, dict[str, Presence]] = {}
         self._subscribers: dict[str, set[Hashable]] = {}
+        #: how many states each connection here owns, over all documents
+        self._owned: dict[Hashable, int] = {}
+
+    def admit(self, doc_id: str, client_id: str, owner: Hashable, per_document: int, per_owner: int) -> None:
+        """
+        Check that C{owner} may publish a state for C{client_id} on C{doc_id}: replacing a state
+        is always allowed, a new one only under both bounds (client ids are the client's to make
+        up, so without them one connection could fill memory with states, and every
+        ``awareness_state`` sent with them).
+
+        @raise PresenceLimit: when it may not.
+        """
+        states = self._states.get(doc_id, {})
+        present = states.get(client_id)
+        if present is not None and present.owner is owner:
+            return
+        if present is None and len(states) >= per_document:
+            raise PresenceLimit(f"Too many presence states on this document (max {per_document})")
+        if self._owned.get(owner, 0) >= per_owner:
+            raise PresenceLimit(f"Too many presence states on this connection (max {per_owner})")
 
     def subscribe(self, doc_id: str, subscriber: Hashable) -> list[dict[str, Any]]:
         """Add a subscriber; returns the states present now, as ``awareness_state`` lists them."""
@@ -47,11 +74,25 @@ class Awareness:
         if state is None:
             states = self._states.get(doc_id)
             if states is not None:
-                states.pop(client_id, None)
+                self._disown(states.pop(client_id, None))
                 self._forget_if_unused(doc_id)
         else:
-            self._states.setdefault(doc_id, {})[client_id] = Presence(state, clock, now_ms, owner)
+            states = self._states.setdefault(doc_id, {})
+            self._disown(states.get(client_id))
+            states[client_id] = Presence(state, clock, now_ms, owner)
+            if owner is not None:
+                self._owned[owner] = self._owned.get(owner, 0) + 1
         return self._subscribers.get(doc_id, set())
+
+    def _disown(self, presence: Optional[Presence]) -> None:
+        """A state is removed or replaced: its owner owns one fewer."""
+        owner = presence.owner if presence is not None else None
+        if owner is not None:
+            count = self._owned[owner] - 1
+            if count:
+                self._owned[owner] = count
+            else:
+                del self._owned[owner]
 
     def owned(self, owner: Hashable, doc_ids: Optional[Sequence[str]]) -> list[tuple[str, str]]:
         """(document, client id) of the presence C{owner} published, on C{doc_ids} or anywhere."""
@@ -106,3 +147,4 @@ class Awareness:
 
     def clear(self) -> None:
         self._states.clear()
+        self._owned.clear()

@@ -15,8 +15,9 @@ A document only ever shows what storage has confirmed (see L{synckit.sync.engine
 write is first given its stamps (L{Document.stamp}, which changes nothing visible), saved, and
 only then merged in by L{Document.merge}, the same merge that applies other instances' writes.
 
-Deleted fields leave the visible map at once; their stamp is kept so that a delayed remote write
-older than the delete cannot bring them back.
+Deleted fields leave the visible map at once; their stamp is kept, for the tombstone retention
+(docs/data-lifecycle.md), so that a delayed remote write older than the delete cannot bring them
+back.
 """
 
 from __future__ import annotations
@@ -50,10 +51,24 @@ MAX_COUNTER = 2**53 - 1
 SERVER_CLOCK = "~server"
 
 
+#: Most entries a merge lets a document's clock have.  Every broadcast and every answer carries
+#: the whole clock, so a client that sends one with thousands of entries would otherwise make
+#: each later message about the document that much larger, for every subscriber and instance.
+#: Writers' own entries are set by the engine, not merged, and are kept beyond this bound: a
+#: writer's counter orders its writes.  Storage loads the most recently raised entries up to it.
+MAX_CLOCK_ENTRIES = 256
+
+#: Longest writer id a merge takes into a clock (ours and the ids the SDK generates are under 40
+#: characters).
+MAX_CLOCK_KEY = 128
+
+
 def merge_clock(into: dict[str, int], other: Any) -> bool:
     """
     Element-wise maximum of C{other} into C{into}.  Entries that are not integers from 0 to
-    L{MAX_COUNTER} are ignored, as is anything that is not an object.
+    L{MAX_COUNTER} are ignored, as is anything that is not an object.  Entries C{into} has are
+    raised whatever its size; new ones are added only while it has fewer than
+    L{MAX_CLOCK_ENTRIES}, and only with keys of at most L{MAX_CLOCK_KEY} characters.
 
     @return: whether C{into} changed.
     """
@@ -61,10 +76,26 @@ def merge_clock(into: dict[str, int], other: Any) -> bool:
         return False
     changed = False
     for key, value in other.items():
-        if type(value) is int and 0 <= value <= MAX_COUNTER and value > into.get(key, -1):
+        if type(value) is not int or not 0 <= value <= MAX_COUNTER:
+            continue
+        previous = into.get(key)
+        if previous is None and (len(into) >= MAX_CLOCK_ENTRIES or len(key) > MAX_CLOCK_KEY):
+            continue
+        if previous is None or value > previous:
             into[key] = value
             changed = True
     return changed
+
+
+def collect_tombstones(stamps: dict[str, Stamp], fields: Mapping[str, Any], before_ms: float) -> int:
+    """
+    Remove from C{stamps} those of fields absent from C{fields} (deleted) stamped before
+    C{before_ms}; return how many.
+    """
+    old = [name for name, stamp in stamps.items() if name not in fields and stamp[0] < before_ms]
+    for name in old:
+        del stamps[name]
+    return len(old)
 
 
 class Text(NamedTuple):
@@ -143,6 +174,17 @@ class Document:
 
     def merge_clock(self, other: Any) -> bool:
         return merge_clock(self.clock, other)
+
+    def collect_tombstones(self, before_ms: int) -> int:
+        """
+        Forget the stamps of deleted fields stamped before C{before_ms}, as storage forgets them
+        (docs/data-lifecycle.md): a document cached for months must not keep every field name
+        ever deleted.  A write of such a field older than its delete can then show it again;
+        the tombstone retention is set far beyond how late such a write can arrive.
+
+        @return: how many were forgotten.
+        """
+        return collect_tombstones(self._stamps, self.fields, before_ms)
 
     def served_clock(self, now_ms: int) -> dict[str, int]:
         """

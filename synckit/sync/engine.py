@@ -364,12 +364,26 @@ class SyncEngine:
             self.watches.watch(doc_id)
         return self.awareness.subscribe(doc_id, subscriber)
 
-    def update_awareness(self, subscriber: Subscriber, doc_id: str, client_id: str, state: Any, clock: Any) -> None:
+    def update_awareness(
+        self,
+        subscriber: Subscriber,
+        doc_id: str,
+        client_id: str,
+        state: Any,
+        clock: Any,
+        per_document: int,
+        per_connection: int,
+    ) -> None:
         """
         A connection publishes presence: it lasts as long as that connection (or until it
         publishes C{None}), and the connection hears the others' presence from now on, as if it
         had subscribed (clients do not subscribe again after a reconnect).
+
+        @raise PresenceLimit: a new state would be one more than C{per_document} client ids on
+            the document or C{per_connection} published by this connection; nothing changes.
         """
+        if state is not None:
+            self.awareness.admit(doc_id, client_id, subscriber, per_document, per_connection)
         if doc_id not in subscriber.awareness:
             now = self.now_ms()
             states = [s for s in self.subscribe_awareness(subscriber, doc_id) if s["clientId"] != client_id]

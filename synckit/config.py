@@ -69,7 +69,7 @@ class Config:
     jwt_leeway: int = 0
     jwt_user_claim: tuple[str, ...] = ("userId", "sub")
     jwt_permissions_claim: str = "permissions"
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    trusted_proxies: tuple[IPNetwork | str, ...] = ()
     max_http_connections_per_ip: int = 50
     http_header_timeout: int = 10_000
     http_idle_timeout: int = 60_000
@@ -150,10 +150,16 @@ def _some_words(text: str) -> tuple[str, ...]:
     return words
 
 
-def _networks(text: str) -> tuple[IPNetwork, ...]:
-    """Comma-separated addresses or CIDR blocks; an address is a block of one."""
-    networks = []
+def _networks(text: str) -> tuple[IPNetwork | str, ...]:
+    """
+    Comma-separated addresses or CIDR blocks (an address is a block of one), and ``unix`` for
+    whatever connects through a unix socket.
+    """
+    networks: list[IPNetwork | str] = []
     for word in _some_words(text):
+        if word == "unix":
+            networks.append(word)
+            continue
         try:
             networks.append(ipaddress.ip_network(word, strict=False))
         except ValueError:
@@ -276,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jwt_leeway", "SYNCKIT_JWT_LEEWAY", _integer(0, 3600), "seconds of clock skew allowed on exp and nbf"),
     Setting("jwt_user_claim", "SYNCKIT_JWT_USER_CLAIM", _some_words, "claims tried in order for the user id"),
     Setting("jwt_permissions_claim", "SYNCKIT_JWT_PERMISSIONS_CLAIM", _text, "claim holding {canRead, canWrite, isAdmin}"),
-    Setting("trusted_proxies", "SYNCKIT_TRUSTED_PROXIES", _networks, "comma-separated addresses or CIDR blocks of reverse proxies whose X-Forwarded-For and X-Real-IP are believed; unset: none"),
+    Setting("trusted_proxies", "SYNCKIT_TRUSTED_PROXIES", _networks, "comma-separated addresses or CIDR blocks of reverse proxies whose X-Forwarded-For and X-Real-IP are believed, and 'unix' for a proxy on a unix socket; unset: none"),
     Setting("max_http_connections_per_ip", "SYNCKIT_MAX_HTTP_CONNECTIONS_PER_IP", _integer(1), "open connections per peer address not upgraded to WebSocket (trusted proxies exempt)"),
     Setting("http_header_timeout", "SYNCKIT_HTTP_HEADER_TIMEOUT", _integer(100), "ms a connection has to send a request's complete headers, from its start or the previous response"),
     Setting("http_idle_timeout", "SYNCKIT_HTTP_IDLE_TIMEOUT", _integer(100), "ms after which a silent HTTP connection is closed"),

@@ -10,24 +10,34 @@ counts accepted messages in one-second buckets over a sliding minute: O(1) per m
 from __future__ import annotations
 
 import ipaddress
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from synckit.config import IPNetwork
 
 
-def is_trusted(address: str, proxies: Sequence[IPNetwork]) -> bool:
-    """Whether C{address} is in one of C{proxies}; an IPv4 address mapped into IPv6 counts as IPv4."""
+#: The address of every client of a unix socket: its peers have no address of their own, and
+#: C{trusted-proxies} names them all with this word (a proxy in front of the socket).
+UNIX_PEER = "unix"
+
+
+def is_trusted(address: str, proxies: Sequence[Union[IPNetwork, str]]) -> bool:
+    """
+    Whether C{address} is in one of C{proxies}; an IPv4 address mapped into IPv6 counts as IPv4,
+    and a unix socket's peer is trusted when C{proxies} holds L{UNIX_PEER}.
+    """
+    if address == UNIX_PEER:
+        return UNIX_PEER in proxies
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return any(ip in network for network in proxies)
+    return any(ip in network for network in proxies if not isinstance(network, str))
 
 
 def forwarded_client(
-    peer: str, forwarded_for: Optional[str], real_ip: Optional[str], proxies: Sequence[IPNetwork]
+    peer: str, forwarded_for: Optional[str], real_ip: Optional[str], proxies: Sequence[Union[IPNetwork, str]]
 ) -> str:
     """
     The client's address.  Headers are believed only from a trusted proxy, as anyone can send

@@ -19,7 +19,7 @@ from synckit.config import SETTINGS, ConfigError, defaults, load
 
 
 def _option_help(setting: Any, default: Any) -> str:
-    shown = ",".join(default) if isinstance(default, tuple) else default
+    shown = (",".join(default) or None) if isinstance(default, tuple) else default
     if isinstance(shown, bool):
         shown = str(shown).lower()
     elif shown is None:
@@ -32,7 +32,7 @@ def _option_help(setting: Any, default: Any) -> str:
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "A SyncKit sync server: HTTP and the WebSocket endpoint /ws on one port. "
+        "A SyncKit sync server: HTTP and the WebSocket endpoint /ws, on --port or the --listen endpoints. "
         "Each option may also be set by the environment variable named in its help, or in the "
         "[synckit] section of the config file; the command line wins, then the environment, "
         "then the file."
@@ -44,18 +44,40 @@ class Options(usage.Options):
     ]
     optFlags = [[setting.option, None, _option_help(setting, defaults()[setting.field])] for setting in SETTINGS if setting.flag]
 
+    # --listen and --metrics-listen may be given more than once: each adds an endpoint, in the
+    # comma-separated form the environment and the config file take.  (No docstrings: the help
+    # generated from the setting stays.)
+    def opt_listen(self, endpoint: str) -> None:
+        self._add("listen", endpoint)
+
+    def opt_metrics_listen(self, endpoint: str) -> None:
+        self._add("metrics-listen", endpoint)
+
+    def _add(self, option: str, endpoint: str) -> None:
+        self[option] = endpoint if self[option] is None else f"{self[option]},{endpoint}"
+
     def opt_version(self) -> None:
         """Print the version and exit."""
         print(f"synckit {__version__}")
         sys.exit(0)
 
     def postOptions(self) -> None:
+        from synckit.service import check_endpoints  # the server's modules, only to run it
+
         config_file = self["config"] or os.environ.get("SYNCKIT_CONFIG")
         try:
             cli = {s.option: ("true" if self[s.option] else None) if s.flag else self[s.option] for s in SETTINGS}
             self.config = load(cli, os.environ, config_file)
+            check_endpoints(self.config, _reactor())
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _reactor() -> Any:
+    """The reactor twistd runs: imported only now, after twistd has installed the one chosen."""
+    from twisted.internet import reactor
+
+    return reactor
 
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
@@ -66,8 +88,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         return build(options.config, reactor)
 
     # Run by twistd: the process's own reactor, signals and exit status.
-    from twisted.internet import reactor  # not at import: twistd may choose another reactor
-
+    reactor = _reactor()
     service = build(options.config, reactor)
     reactor.callWhenRunning(exit_zero_on_signals, reactor)
     exit_one_if_start_fails(service, reactor)

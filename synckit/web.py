@@ -1,6 +1,6 @@
 """
 The HTTP side of the one listening port (PROTOCOL.md sections 1.2 and 1.3): ``/ws`` for
-WebSockets, ``/``, ``/health`` and ``/health/ready``, the ``/auth`` routes, ``/rooms``, and, only when switched on,
+WebSockets, ``/``, ``/health``, ``/health/live`` and ``/health/ready``, the ``/auth`` routes, ``/rooms``, and, only when switched on,
 ``POST /_test/clear`` and the demo's ``/auth/login`` and ``/auth/refresh``.  Every response carries the
 reference's CORS and security headers.
 
@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import datetime
 import hmac
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
@@ -30,11 +30,11 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from synckit import __version__
 from synckit.auth import InvalidToken
-from synckit.config import Config, IPNetwork
-from synckit.limits import forwarded_client, is_trusted
+from synckit.config import Config, IPNetwork, metrics_endpoints
+from synckit.limits import UNIX_PEER, forwarded_client, is_trusted
 from synckit.metrics import Metrics
 from synckit.server import SyncServer
-from synckit.upgrade import UpgradeRouter
+from synckit.upgrade import Routed, UpgradeRouter
 from synckit.websocket import SyncFactory, echo_factory
 
 #: the header that unlocks /health's per-document details: one of the configured api-keys
@@ -83,7 +83,8 @@ class SyncKitRequest(Request):
 
     def client_address(self) -> str:
         """The client's address: the peer's, or what a trusted proxy forwarded."""
-        peer = getattr(self.getClientAddress(), "host", "unknown")
+        address = self.getClientAddress()
+        peer = UNIX_PEER if isinstance(address, UNIXAddress) else getattr(address, "host", "unknown")
         forwarded = self.requestHeaders.getRawHeaders(b"X-Forwarded-For")
         return forwarded_client(
             peer,
@@ -186,45 +187,55 @@ class SyncKitSite(Site):
         """No access log: health checks poll every 100 ms, and a reverse proxy logs requests."""
 
 
-class _Counted(ProtocolWrapper):
+class _Counted(Routed):
     """
-    One connection on the port, counted against its peer address until it becomes a WebSocket.
-
-    The router hands a connection over by setting its transport's C{protocol}, as on a TCP
-    connection; this wrapper is the transport the router sees, so here that makes the new
-    protocol the wrapped one.
+    One connection on the port, counted against its peer address until it becomes a WebSocket:
+    whether the router hands it to Autobahn on its first read, or the site's WebSocket resource
+    upgrades it later, the new protocol is set as C{wrappedProtocol}.
     """
 
     factory: "PerAddressLimit"
     #: the peer address this connection is counted against, or C{None} once it is not
     address: Optional[str] = None
+    _protocol: Optional[IProtocol] = None
 
-    @property
-    def protocol(self) -> IProtocol:
-        return self.wrappedProtocol
+    @property  # type: ignore[override]
+    def wrappedProtocol(self) -> Optional[IProtocol]:
+        return self._protocol
 
-    @protocol.setter
-    def protocol(self, protocol: IProtocol) -> None:
-        self.wrappedProtocol = protocol
+    @wrappedProtocol.setter
+    def wrappedProtocol(self, protocol: Optional[IProtocol]) -> None:
+        self._protocol = protocol
         if isinstance(protocol, WebSocketServerProtocol):
             # WebSockets are counted, by client address, by the server's ConnectionLimiter.
             self.factory.release(self)
 
+    def connectionLost(self, reason: Failure) -> None:
+        self.factory.release(self)
+        super().connectionLost(reason)
 
-class PerAddressLimit(WrappingFactory):
+
+class PerAddressLimit(UpgradeRouter):
     """
-    The listening port's factory: at most C{per_address} connections at once from one peer
-    address that are not WebSockets (plain HTTP, or not yet past their first read), so that one
-    host cannot use up the process's file descriptors with connections that never finish a
-    request.  Over the cap, the connection is closed at once, before anything is read.  Trusted
-    proxies are exempt: every client behind them shares their address.
+    The listening port's factory: the router, with at most C{per_address} connections at once
+    from one peer address that are not WebSockets (plain HTTP, or not yet past their first
+    read), so that one host cannot use up the process's file descriptors with connections that
+    never finish a request.  Over the cap, the connection is closed at once, before anything is
+    read.  Trusted proxies are exempt: every client behind them shares their address.  So are
+    connections on a unix socket, which have no peer address: only who the socket's file
+    permissions let in can connect (a reverse proxy, typically), and they would all share one.
     """
 
     protocol = _Counted
 
-    def __init__(self, router: UpgradeRouter, per_address: int, exempt: Sequence[IPNetwork] = ()) -> None:
-        super().__init__(router)
-        self.site = router.site
+    def __init__(
+        self,
+        site: Site,
+        websockets: Mapping[bytes, WebSocketServerFactory],
+        per_address: int,
+        exempt: Sequence[IPNetwork] = (),
+    ) -> None:
+        super().__init__(site, websockets)
         self._per_address = per_address
         self._exempt = tuple(exempt)
         self._open: dict[str, int] = {}
@@ -237,16 +248,12 @@ class PerAddressLimit(WrappingFactory):
             self._open[host] = self._open.get(host, 0) + 1
         else:
             host = None
-        protocol = super().buildProtocol(addr)
+        protocol = self.protocol(self, addr)
         protocol.address = host
         return protocol
 
-    def unregisterProtocol(self, protocol: _Counted) -> None:  # type: ignore[override]
-        self.release(protocol)
-        super().unregisterProtocol(protocol)
-
     def release(self, protocol: _Counted) -> None:
-        """Stop counting C{protocol}'s connection."""
+        """Stop counting C{protocol}'s connection (once: later calls do nothing)."""
         host, protocol.address = protocol.address, None
         if host is not None:
             count = self._open[host] - 1
@@ -326,6 +333,7 @@ class Health(JsonResource):
         self._api_keys = [key.encode("utf-8") for key in api_keys]
         self._detailed = detailed
         self.putChild(b"ready", Ready(server))
+        self.putChild(b"live", Live())
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return self if path == b"" else NotFound()
@@ -528,6 +536,17 @@ def metrics_site(metrics: Metrics, server: Optional[SyncServer] = None) -> Site:
     return site
 
 
+class Live(JsonResource):
+    """
+    ``GET /health/live``: 200 whenever the reactor answers at all, for a liveness probe.  It
+    touches nothing else, so a slow or failing backend (which ``/health/ready`` reports) never
+    gets a live process restarted.
+    """
+
+    def render_GET(self, request: Request) -> bytes:
+        return json_body(request, {"status": "alive"})
+
+
 class Ready(JsonResource):
     """
     ``GET /health/ready``: 200 when storage and pub/sub answer a ping, else 503, with each
@@ -606,14 +625,15 @@ class Folder(Resource):
 
 def make_listener(server: SyncServer, config: Config) -> PerAddressLimit:
     """
-    The one port's protocol factory: the site, with WebSocket upgrades taken straight to
-    Autobahn, behind the per-address cap on connections that are not WebSockets.
+    The protocol factory of every main listener (each --listen endpoint): the site, with
+    WebSocket upgrades taken straight to Autobahn, behind the per-address cap on connections
+    that are not WebSockets.  One factory for all of them, so the cap and the server are shared.
     """
     websockets: dict[bytes, WebSocketServerFactory] = {b"/ws": SyncFactory(server, config)}
     if config.echo_endpoint:
         websockets[b"/echo"] = echo_factory(config)
-    router = UpgradeRouter(make_site(server, config, websockets), websockets)
-    return PerAddressLimit(router, config.max_http_connections_per_ip, config.trusted_proxies)
+    site = make_site(server, config, websockets)
+    return PerAddressLimit(site, websockets, config.max_http_connections_per_ip, config.trusted_proxies)
 
 
 def make_site(server: SyncServer, config: Config, websockets: dict[bytes, WebSocketServerFactory]) -> Site:
@@ -623,7 +643,7 @@ def make_site(server: SyncServer, config: Config, websockets: dict[bytes, WebSoc
         auth[b"login"] = AuthRoute(server, b"POST", login)
         auth[b"refresh"] = AuthRoute(server, b"POST", refresh)
     routes.update({b"health": Health(server, config.api_keys), b"rooms": Rooms(server), b"auth": Folder(auth)})
-    if config.metrics_port is None:
+    if not metrics_endpoints(config):
         routes[b"metrics"] = MetricsPage(server.metrics)
     if config.test_endpoints:
         routes[b"_test"] = Folder({b"clear": ClearAll(server)})

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from synckit.config import Config
-from synckit.limits import forwarded_client
+from synckit.limits import UNIX_PEER, forwarded_client
 from synckit.server import SyncServer
 from synckit.session import Session
 from synckit.wire import Frame
@@ -40,8 +40,11 @@ def client_ip(headers: dict[str, str], peer: str, trusted_proxies: tuple[Any, ..
     ``X-Forwarded-For`` from anyone, which lets a client pick its address past the per-address
     limit; here, with no trusted proxies, the headers are ignored.
     """
-    # Autobahn's peer is "tcp:1.2.3.4:5678" or "tcp6:::1:5678".
-    address = peer.partition(":")[2].rpartition(":")[0] or "unknown"
+    # Autobahn's peer is "tcp:1.2.3.4:5678", "tcp6:::1:5678", or "unix" / "unix:<path>".
+    if peer.startswith("unix"):
+        address = UNIX_PEER
+    else:
+        address = peer.partition(":")[2].rpartition(":")[0] or "unknown"
     return forwarded_client(address, headers.get("x-forwarded-for"), headers.get("x-real-ip"), trusted_proxies)
 
 

@@ -7,13 +7,16 @@ StringTransport, with time on a Clock.
 from __future__ import annotations
 
 import txaio
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from synckit.upgrade import UpgradeRouter
 from synckit.web import make_listener
@@ -25,8 +28,19 @@ UPGRADE = (
 )
 
 
+HEALTH = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
 def upgrade(query: bytes = b"", name: bytes = b"Upgrade", value: bytes = b"websocket") -> bytes:
     return UPGRADE % (query, name, value)
+
+
+@implementer(ISSLTransport)
+class TLSTransport(StringTransport):
+    """A transport that claims TLS, as Twisted's TLS protocol does."""
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
 
 
 class RouteTests(SynchronousTestCase):
@@ -59,15 +73,15 @@ class HandOverTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.patch(txaio.config, "loop", self.clock)  # Autobahn's handshake timers
-        self.harness = Harness(clock=self.clock)
+        self.harness = Harness(clock=self.clock, max_http_connections_per_ip=1)
         self.listener = make_listener(self.harness.server, self.harness.server.config)
         self.listener.site.reactor = self.clock
         self.transports: list[StringTransport] = []
         self.addCleanup(self.close_all)
 
-    def connect(self) -> StringTransport:
+    def connect(self, tls: bool = False) -> StringTransport:
         protocol = self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000))
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4000))
+        transport = (TLSTransport if tls else StringTransport)(peerAddress=IPv4Address("TCP", "127.0.0.1", 4000))
         transport.protocol = protocol  # as a TCP connection has it
         protocol.makeConnection(transport)
         self.transports.append(transport)
@@ -79,27 +93,65 @@ class HandOverTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual((self.harness.server.sessions, self.clock.getDelayedCalls()), (set(), []))
 
-    def test_upgrade_answered_by_autobahn(self) -> None:
-        transport = self.connect()
+    def upgraded(self, tls: bool = False) -> StringTransport:
+        """A connection whose first read is an upgrade, answered by Autobahn."""
+        transport = self.connect(tls)
         transport.protocol.dataReceived(upgrade())
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), transport.value())
+        return transport
+
+    def upgraded_after_a_request(self, tls: bool = False) -> StringTransport:
+        """A connection that asks for /health, then upgrades: the site's WebSocket resource answers."""
+        transport = self.connect(tls)
+        transport.protocol.dataReceived(HEALTH)
+        transport.clear()
+        transport.protocol.dataReceived(upgrade())
+        self.assertIn(b"HTTP/1.1 101 Switching Protocols\r\n", transport.value())
+        return transport
+
+    def test_upgrade_answered_by_autobahn(self) -> None:
+        """A whole upgrade as the first read goes straight to Autobahn, inside the connection's wrapper."""
+        transport = self.upgraded()
+        wrapper = transport.protocol
         self.assertEqual(len(self.harness.server.sessions), 1)
+        # handed over inside the wrapper: the transport's own protocol is never replaced
+        self.assertIs(transport.protocol, wrapper)
+        self.assertIsInstance(wrapper.wrappedProtocol, WebSocketServerProtocol)
+
+    def test_upgrades_over_tls(self) -> None:
+        """
+        Over a transport claiming TLS, both ways to upgrade work: Autobahn insists that such a
+        transport be Twisted's own TLS protocol, and the wrapper it is given does not claim it.
+        """
+        self.upgraded(tls=True)
+        self.upgraded_after_a_request(tls=True)
+        self.assertEqual(len(self.harness.server.sessions), 2)
+
+    def test_websockets_leave_the_per_address_cap(self) -> None:
+        """
+        A connection stops counting against its address's cap on plain HTTP connections once it
+        is a WebSocket, however it was upgraded (the cap here is one connection).
+        """
+        self.upgraded()
+        kept_alive = self.connect()
+        kept_alive.protocol.dataReceived(HEALTH)
+        self.assertIsNone(self.listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4001)))
+        kept_alive.protocol.dataReceived(upgrade())
+        self.connect()
 
     def test_http_answered_by_the_site(self) -> None:
+        """Any other first read goes to the site."""
         transport = self.connect()
-        transport.protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        transport.protocol.dataReceived(HEALTH)
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"), transport.value())
 
     def test_upgrade_after_a_request_on_the_same_connection(self) -> None:
         """The site still upgrades a kept-alive connection, through its WebSocket resource."""
-        transport = self.connect()
-        transport.protocol.dataReceived(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        transport.clear()
-        transport.protocol.dataReceived(upgrade())
-        self.assertIn(b"HTTP/1.1 101 Switching Protocols\r\n", transport.value())
+        self.upgraded_after_a_request()
         self.assertEqual(len(self.harness.server.sessions), 1)
 
     def test_silent_connection_dropped_after_the_site_timeout(self) -> None:
+        """A connection that never sends a byte is aborted after the site's idle timeout."""
         transport = self.connect()
         self.clock.advance(self.listener.site.timeOut - 1)
         self.assertFalse(transport.disconnecting)

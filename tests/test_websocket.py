@@ -18,6 +18,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from synckit import wire
+from synckit.config import load
 from synckit.websocket import SMALL_FRAME, SyncFactory, client_ip, create_masker, websocket_frame
 from tests.helpers import Harness, binary
 from tests.test_hostile import client_frame
@@ -197,6 +198,18 @@ class ClientAddressTests(SynchronousTestCase):
         self.assertEqual(client_ip({}, "tcp:1.2.3.4:5678"), "1.2.3.4")
         self.assertEqual(client_ip({}, "tcp6:::1:5678"), "::1")
         self.assertEqual(client_ip({}, ""), "unknown")
+
+    def test_unix_socket_peer(self) -> None:
+        """
+        A unix socket's peers are all "unix"; a proxy there is believed only when trusted-proxies
+        names "unix", so each client it forwards counts for its own address.
+        """
+        headers = {"x-forwarded-for": "203.0.113.7"}
+        self.assertEqual(client_ip(headers, "unix"), "unix")
+        self.assertEqual(client_ip(headers, "unix:/run/synckit/synckit.sock"), "unix")
+        trusted = load({"trusted-proxies": "unix, 10.0.0.0/8"}, {}, None).trusted_proxies
+        self.assertEqual(client_ip(headers, "unix", trusted), "203.0.113.7")
+        self.assertEqual(client_ip(headers, "tcp:10.1.2.3:5", trusted), "203.0.113.7")
 
 
 class FramingTests(SynchronousTestCase):

@@ -310,7 +310,8 @@ def on_awareness_update(session: Session, message: Message) -> None:
         )
     limits = (config.max_presence_per_document, config.max_presence_per_connection)
     try:
-        session.server.engine.update_awareness(session, doc_id, client_id, state, clock, *limits)
+        user = session.require_auth().user_id
+        session.server.engine.update_awareness(session, user, doc_id, client_id, state, clock, *limits)
     except PresenceLimit as e:
         raise Reject(str(e), {"documentId": doc_id, "code": "INVALID_MESSAGE"}) from None
 

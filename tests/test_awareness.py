@@ -370,6 +370,39 @@ class AwarenessMessageTests(HarnessCase):
         self.assertEqual(stayer_client.take(), [])
         self.assertEqual(len(h.present()), 1)
 
+    def test_another_users_presence_cannot_be_overwritten(self) -> None:
+        """
+        With auth on, a user cannot publish over (or remove) a client id another user's
+        connection published: it gets an error, and everyone still sees the owner's state.
+        """
+        h = self.harness(auth_required=True)
+        everyone = {"canRead": ["*"], "canWrite": ["*"], "isAdmin": False}
+
+        def connect(user: str) -> tuple[Session, FakeClient]:
+            session, client = h.connect()
+            h.send(session, "auth", {"token": h.server.tokens.access_token(user, None, everyone)})
+            client.take()
+            return session, client
+
+        alice, _ = connect("alice")
+        mallory, mallory_client = connect("mallory")
+        self.update(h, alice, "c1", {"name": "Alice"})
+        for state in ({"name": "Mallory"}, None):
+            self.update(h, mallory, "c1", state, 2)
+            [error] = mallory_client.of_type("error")
+            self.assertEqual(error["details"], {"documentId": "d", "code": "INVALID_MESSAGE"})
+            mallory_client.take()
+        def present() -> list[dict[str, Any]]:
+            awareness = h.server.engine.awareness
+            states = awareness.subscribe("d", "probe")
+            awareness.unsubscribe_all("probe", {"d"})
+            return states
+
+        self.assertEqual(present(), [{"clientId": "c1", "state": {"name": "Alice"}, "clock": 1}])
+        again, _ = connect("alice")
+        self.update(h, again, "c1", {"name": "Alice again"}, 3)
+        self.assertEqual(present()[0]["state"], {"name": "Alice again"})
+
     def test_not_authenticated(self) -> None:
         """With auth required, an unauthenticated connection is refused both awareness messages."""
         h = self.harness(auth_required=True)
@@ -456,8 +489,21 @@ class AwarenessAdmitTests(SynchronousTestCase):
         awareness = Awareness()
         awareness.update("d", "c1", "here", 1, NOW, "s1")
         awareness.update("d", "c2", "here", 1, NOW, "s2")
-        awareness.admit("d", "c1", "s1", 2, 1)
-        self.assertRaises(PresenceLimit, awareness.admit, "d", "c3", "s3", 2, 1)
-        self.assertRaises(PresenceLimit, awareness.admit, "d", "c2", "s1", 5, 1)
+        awareness.admit("d", "c1", "s1", "u", "new", 2, 1)
+        self.assertRaises(PresenceLimit, awareness.admit, "d", "c3", "s3", "u", "new", 2, 1)
+        self.assertRaises(PresenceLimit, awareness.admit, "d", "c2", "s1", "u", "new", 5, 1)
         awareness.update("d", "c2", "mine", 1, NOW, "s1")  # taken over: s2 owns none now
-        awareness.admit("e", "c9", "s2", 2, 1)
+        awareness.admit("e", "c9", "s2", "u", "new", 2, 1)
+
+    def test_client_id_belongs_to_its_user(self) -> None:
+        """
+        Another user may neither replace nor remove a client id's presence; its own user may,
+        from any connection (a client that reconnected).
+        """
+        awareness = Awareness()
+        awareness.update("d", "c1", "here", 1, NOW, "s1", "alice")
+        for state in ("mine now", None):
+            self.assertRaises(PresenceLimit, awareness.admit, "d", "c1", "s2", "mallory", state, 10, 10)
+        awareness.admit("d", "c1", "s3", "alice", "back", 10, 10)
+        awareness.update("d", "c1", None, 2, NOW, "s3", "alice")
+        awareness.admit("d", "c1", "s2", "mallory", "free again", 10, 10)

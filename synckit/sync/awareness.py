@@ -9,7 +9,9 @@ here to watch, so their owners' instance refreshes it (L{Awareness.refresh}) and
 the refreshes stop: the instance is gone without a word.
 
 What this instance's connections publish is bounded (L{Awareness.admit}): client ids per document
-and per connection; other instances bound their own connections' presence.
+and per connection; other instances bound their own connections' presence.  A client id belongs
+to the user who first published it, until its presence ends: another user cannot replace or
+remove it (the same user can, from a new connection: a client that reconnected).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class Presence(NamedTuple):
     updated_ms: int
     #: the connection here that published it, or C{None} for another instance's
     owner: Optional[Hashable]
+    #: the user who published it (C{None}: not known, from an older instance)
+    user: Optional[str] = None
 
 
 class PresenceLimit(Exception):
@@ -38,18 +42,23 @@ class Awareness:
         #: how many states each connection here owns, over all documents
         self._owned: dict[Hashable, int] = {}
 
-    def admit(self, doc_id: str, client_id: str, owner: Hashable, per_document: int, per_owner: int) -> None:
+    def admit(
+        self, doc_id: str, client_id: str, owner: Hashable, user: str, state: Any, per_document: int, per_owner: int
+    ) -> None:
         """
-        Check that C{owner} may publish a state for C{client_id} on C{doc_id}: replacing a state
-        is always allowed, a new one only under both bounds (client ids are the client's to make
-        up, so without them one connection could fill memory with states, and every
-        ``awareness_state`` sent with them).
+        Check that C{owner}, a connection of C{user}, may publish C{state} for C{client_id} on
+        C{doc_id}: never over another user's presence; replacing or removing its own always; a
+        new one only under both bounds (client ids are the client's to make up, so without them
+        one connection could fill memory with states, and every ``awareness_state`` sent with
+        them).
 
         @raise PresenceLimit: when it may not.
         """
         states = self._states.get(doc_id, {})
         present = states.get(client_id)
-        if present is not None and present.owner is owner:
+        if present is not None and present.user is not None and present.user != user:
+            raise PresenceLimit(f"Presence of client {client_id!r} belongs to another user")
+        if state is None or present is not None and present.owner is owner:
             return
         if present is None and len(states) >= per_document:
             raise PresenceLimit(f"Too many presence states on this document (max {per_document})")
@@ -65,7 +74,14 @@ class Awareness:
         ]
 
     def update(
-        self, doc_id: str, client_id: str, state: Any, clock: Any, now_ms: int, owner: Optional[Hashable]
+        self,
+        doc_id: str,
+        client_id: str,
+        state: Any,
+        clock: Any,
+        now_ms: int,
+        owner: Optional[Hashable],
+        user: Optional[str] = None,
     ) -> set[Hashable]:
         """
         Store (or, for a C{None} state, remove) a client's state, with no clock comparison, as
@@ -79,7 +95,7 @@ class Awareness:
         else:
             states = self._states.setdefault(doc_id, {})
             self._disown(states.get(client_id))
-            states[client_id] = Presence(state, clock, now_ms, owner)
+            states[client_id] = Presence(state, clock, now_ms, owner, user)
             if owner is not None:
                 self._owned[owner] = self._owned.get(owner, 0) + 1
         return self._subscribers.get(doc_id, set())

@@ -286,7 +286,8 @@ class SyncEngine:
     def receive_remote(self, kind: str, doc_id: str, payload: dict[str, Any]) -> None:
         """Another instance's publication: merge it, and send what changed to subscribers here."""
         if kind == "awareness":
-            self._show_presence(doc_id, payload["clientId"], payload["state"], payload["clock"], None)
+            user = payload.get("userId")
+            self._show_presence(doc_id, payload["clientId"], payload["state"], payload["clock"], None, user)
             return
         ops = payload.get("ops")
         if ops:
@@ -367,6 +368,7 @@ class SyncEngine:
     def update_awareness(
         self,
         subscriber: Subscriber,
+        user: str,
         doc_id: str,
         client_id: str,
         state: Any,
@@ -379,11 +381,11 @@ class SyncEngine:
         publishes C{None}), and the connection hears the others' presence from now on, as if it
         had subscribed (clients do not subscribe again after a reconnect).
 
-        @raise PresenceLimit: a new state would be one more than C{per_document} client ids on
-            the document or C{per_connection} published by this connection; nothing changes.
+        @raise PresenceLimit: the client id's presence is another user's, or a new state would
+            be one more than C{per_document} client ids on the document or C{per_connection}
+            published by this connection; nothing changes.
         """
-        if state is not None:
-            self.awareness.admit(doc_id, client_id, subscriber, per_document, per_connection)
+        self.awareness.admit(doc_id, client_id, subscriber, user, state, per_document, per_connection)
         if doc_id not in subscriber.awareness:
             now = self.now_ms()
             states = [s for s in self.subscribe_awareness(subscriber, doc_id) if s["clientId"] != client_id]
@@ -391,12 +393,14 @@ class SyncEngine:
                 subscriber.send(
                     Frame("awareness_state", now, {"id": self.ids(now), "documentId": doc_id, "states": states})
                 )
-        self._show_presence(doc_id, client_id, state, clock, subscriber)
-        self._publish("awareness", doc_id, {"clientId": client_id, "state": state, "clock": clock})
+        self._show_presence(doc_id, client_id, state, clock, subscriber, user)
+        self._publish("awareness", doc_id, {"clientId": client_id, "state": state, "clock": clock, "userId": user})
 
-    def _show_presence(self, doc_id: str, client_id: str, state: Any, clock: Any, owner: Optional[Hashable]) -> None:
+    def _show_presence(
+        self, doc_id: str, client_id: str, state: Any, clock: Any, owner: Optional[Hashable], user: Optional[str] = None
+    ) -> None:
         now = self.now_ms()
-        subscribers = self.awareness.update(doc_id, client_id, state, clock, now, owner)
+        subscribers = self.awareness.update(doc_id, client_id, state, clock, now, owner, user)
         body = {"id": self.ids(now), "documentId": doc_id, "clientId": client_id, "state": state, "clock": clock}
         self.deliver(Frame("awareness_update", now, body), subscribers)
 
@@ -415,8 +419,8 @@ class SyncEngine:
         for doc_id, client_id, subscribers in self.awareness.expire(now):
             body = {"id": self.ids(now), "documentId": doc_id, "clientId": client_id, "state": None, "clock": now}
             self.deliver(Frame("awareness_update", now, body), subscribers)
-        for doc_id, client_id, presence in self.awareness.refresh(now):
-            self._publish("awareness", doc_id, {"clientId": client_id, "state": presence.state, "clock": presence.clock})
+        for doc_id, client_id, p in self.awareness.refresh(now):
+            self._publish("awareness", doc_id, {"clientId": client_id, "state": p.state, "clock": p.clock, "userId": p.user})
 
     # Sending and housekeeping
 

@@ -1,5 +1,5 @@
 """
-Identities, JWTs and role-based access (PROTOCOL.md section 5; docs/security.md).
+Identities, JWTs and role-based access (docs/protocol.md, ``auth``; docs/security.md).
 
 A token is verified with one of three kinds of key, and each key fixes its own algorithm:
 
@@ -64,7 +64,10 @@ REFRESH = "refresh"
 
 @dataclass(frozen=True)
 class Permissions:
-    """Exact-match document lists; ``*`` grants every document; admin grants all (section 5.4)."""
+    """
+    Exact-match document lists; ``*`` grants every document; admin grants all (docs/protocol.md,
+    ``auth``).
+    """
 
     can_read: frozenset[str] = frozenset()
     can_write: frozenset[str] = frozenset()
@@ -74,7 +77,9 @@ class Permissions:
     def from_claim(cls, claim: Any) -> "Permissions":
         """
         Permissions from a token's ``permissions`` claim.  A missing or malformed claim grants
-        nothing (PROTOCOL.md R-7) instead of failing on first use as the reference does.
+        nothing: a valid token without the claim authenticates, and what it asks for gets
+        "Permission denied", where the reference fails its first permission check with an
+        internal error.
         """
         if not isinstance(claim, dict):
             return cls()

@@ -1,6 +1,7 @@
 """
 Reassembly of ``delta_batch_chunk`` messages into the message they were cut from
-(PROTOCOL.md section 4.10), with the limits the reference lacks (R-5): a bounded number of chunks
+(docs/protocol.md, ``delta_batch_chunk``), with the limits the reference lacks, so that chunks
+cannot be used to make the server hold unbounded memory: a bounded number of chunks
 and bytes per set, in-range indexes only, sets dropped when they are not complete in time, and a
 cap on the bytes all connections' sets hold together (L{ChunkMemory}).
 """

@@ -1,5 +1,5 @@
 """
-Connection and message limits (PROTOCOL.md sections 8.1 and 8.2; docs/security.md), and who the
+Connection and message limits (docs/protocol.md sections 1 and 3; docs/security.md), and who the
 client is when it comes through a reverse proxy.
 
 The reference re-scans a list of timestamps on every message, which is O(n) in the limit; ours

@@ -1,6 +1,6 @@
 """
 One session per WebSocket connection: its identity, its subscriptions, and the pipeline every
-incoming message goes through (PROTOCOL.md section 3.1):
+incoming message goes through (docs/protocol.md section 3):
 
     decode -> chunk reassembly -> rate limit -> type and size checks -> handler -> (pong)
 
@@ -112,7 +112,8 @@ class Session:
         self.ip = ip
         self.identity: Optional[Identity] = None
         self.authenticated = False
-        #: replies go out as binary frames until the client sends a text frame (PROTOCOL.md R-1).
+        #: replies go out as binary frames until the client sends a text frame (docs/protocol.md,
+        #: "Which encoding replies use").
         self.binary = True
         self.subscriptions: set[str] = set()
         self.awareness: set[str] = set()
@@ -230,7 +231,7 @@ class Session:
             return self._add_chunk(message)
         waiting = self._dispatch(message, len(data))
         if kind == "ping":
-            # After the handler and any error it caused, rate-limited or not (section 4.12).
+            # After the handler and any error it caused, rate-limited or not (docs/protocol.md section 3).
             if waiting is None or waiting.called:
                 self.reply("pong", {})
             else:
@@ -336,8 +337,8 @@ class Session:
         except wire.DecodeError:
             self._log.debug("reassembled chunks from {session} do not decode", session=self.id)
             return None
-        # A reassembled message skips chunking and the pong (section 4.10); a chunk inside a chunk
-        # set reaches the type check and is refused there.
+        # A reassembled message skips chunking and the pong (docs/protocol.md, delta_batch_chunk);
+        # a chunk inside a chunk set reaches the type check and is refused there.
         if reassembled["type"] == "delta_batch_chunk":
             self.error("Invalid message type: delta_batch_chunk", {"code": "INVALID_MESSAGE"})
             return None

@@ -62,7 +62,8 @@ def run_now(coroutine: Coroutine[Deferred, Any, Any]) -> Optional[Deferred]:
 def _resume(result: Any, coroutine: Coroutine[Deferred, Any, Any], done: Deferred) -> None:
     # The awaited Deferred has fired: a value is read by Deferred.__await__ when resumed, a
     # failure is raised into the coroutine here.  Either way the coroutine has taken the result
-    # over, and the awaited Deferred is left holding None.
+    # over, and the awaited Deferred is left holding None.  How an awaited Deferred yields and
+    # resumes is not Twisted's interface: tests/test_dependencies.py checks it.
     try:
         if isinstance(result, Failure):
             awaited = result.throwExceptionIntoGenerator(coroutine)  # type: ignore[arg-type]

@@ -40,7 +40,8 @@ class Routed(ProtocolWrapper, TimeoutMixin):
     site's idle timeout, as the site would drop it.
 
     C{WebSocketResource} (a WebSocket upgrade on a kept-alive HTTP connection) hands the
-    connection over too, by setting C{wrappedProtocol}, as it does on any protocol wrapper.
+    connection over too, by setting C{wrappedProtocol}, as it does on any protocol wrapper (an
+    Autobahn detail that tests/test_dependencies.py checks).
 
     The wrapper provides every interface its transport provides but L{ISSLTransport}: Autobahn
     takes a transport that claims TLS to be Twisted's TLS protocol itself, whose TLS channel

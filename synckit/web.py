@@ -1,5 +1,5 @@
 """
-The HTTP side of the one listening port (PROTOCOL.md sections 1.2 and 1.3): ``/ws`` for
+The HTTP side of every listening port (docs/protocol.md): ``/ws`` for
 WebSockets, ``/``, ``/health``, ``/health/live`` and ``/health/ready``, the ``/auth`` routes, ``/rooms``, and, only when switched on,
 ``POST /_test/clear`` and the demo's ``/auth/login`` and ``/auth/refresh``.  Every response carries the
 reference's CORS and security headers.
@@ -58,7 +58,7 @@ SECURITY_HEADERS = {
 
 
 class SyncKitRequest(Request):
-    """Adds CORS to every response and answers preflights, then the security headers (1.3)."""
+    """Adds CORS to every response and answers preflights, then the reference's security headers."""
 
     def process(self) -> None:
         origin: bytes = self.channel.site.cors_origin
@@ -103,7 +103,9 @@ class LimitedChannel(HTTPChannel):
     clock runs from the connection's start, and again from the end of each response on a kept-
     alive connection, until the blank line that ends the headers.  A body is refused from its
     declared length, before it is read; a body without one (chunked) is refused too, as its
-    size would only be known by reading it, and no route takes one.
+    size would only be known by reading it, and no route takes one.  The hooks this takes
+    (C{allHeadersReceived}, C{length}, C{requests}, C{persistent}, C{requestDone}) are not
+    Twisted's interface: tests/test_dependencies.py checks them.
     """
 
     _log = Logger()
@@ -413,14 +415,13 @@ class AuthRoute(JsonResource):
             return json_body(request, {"error": "Request body must be a JSON object"}, 400)
         answer = self._handler(self._server, request, body)
         if isinstance(answer, Deferred):
-            answer.addCallbacks(lambda a: finish_json(request, a[1], a[0]), self._failed, errbackArgs=(request,))
-            return NOT_DONE_YET
+            return answer_later(request, answer.addErrback(self._failed, request))
         code, value = answer
         return json_body(request, value, code)
 
-    def _failed(self, failure: Failure, request: Request) -> None:
+    def _failed(self, failure: Failure, request: Request) -> tuple[int, Any]:
         self._log.failure("{path} failed", failure, path=request.path)
-        finish_json(request, {"error": "Internal server error"}, 500)
+        return 500, {"error": "Internal server error"}
 
 
 def _token_refused(failure: Failure, answer: tuple[int, Any]) -> tuple[int, Any]:
@@ -502,11 +503,23 @@ def verify(server: SyncServer, request: Request, body: dict[str, Any]) -> Answer
     return d.addErrback(_token_refused, (200, {"valid": False}))
 
 
-def finish_json(request: Request, value: Any, code: int = 200) -> None:
-    """Answer a request rendered with NOT_DONE_YET, unless the client has gone."""
-    if not request.finished and not request._disconnected:
-        request.write(json_body(request, value, code))
-        request.finish()
+def answer_later(request: Request, answer: "Deferred[tuple[int, Any]]") -> Any:
+    """
+    Answer C{request} with the (status, JSON body) that C{answer} fires with, unless the client
+    has gone by then (C{Request.notifyFinish} fails when the connection is lost first); returns
+    what C{render} returns for that.
+    """
+    gone: list[Failure] = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def finish(result: tuple[int, Any]) -> None:
+        if not gone:
+            code, value = result
+            request.write(json_body(request, value, code))
+            request.finish()
+
+    answer.addCallback(finish)
+    return NOT_DONE_YET
 
 
 class MetricsPage(Resource):
@@ -560,8 +573,7 @@ class Ready(JsonResource):
 
     def render_GET(self, request: Request) -> Any:
         d = Deferred.fromCoroutine(self._report())
-        d.addCallback(lambda report: finish_json(request, report, 200 if report["status"] == "ready" else 503))
-        return NOT_DONE_YET
+        return answer_later(request, d.addCallback(lambda report: (200 if report["status"] == "ready" else 503, report)))
 
     async def _report(self) -> dict[str, Any]:
         storage, pubsub = self._server.storage, self._server.pubsub
@@ -587,12 +599,11 @@ class ClearAll(JsonResource):
 
     def render_POST(self, request: Request) -> Any:
         d = Deferred.fromCoroutine(self._server.engine.clear())
-        d.addCallbacks(lambda _: finish_json(request, {"cleared": True}), self._failed, errbackArgs=(request,))
-        return NOT_DONE_YET
+        return answer_later(request, d.addCallbacks(lambda _: (200, {"cleared": True}), self._failed))
 
-    def _failed(self, failure: Failure, request: Request) -> None:
+    def _failed(self, failure: Failure) -> tuple[int, Any]:
         self._log.failure("clearing all documents failed", failure)
-        finish_json(request, {"error": "Clear failed"}, 500)
+        return 500, {"error": "Clear failed"}
 
 
 class Root(Resource):

@@ -10,6 +10,11 @@ It also bounds what a connection can cost when its client misbehaves (docs/secur
 waiting to be sent to a client that does not read, time to authenticate, and liveness counted
 from pongs only.  And it leaves nothing of a closed connection in a reference cycle, so its memory
 comes back when it closes rather than at the next full garbage collection.
+
+Several of these go past Autobahn's interface, each for a reason given where it is done: the
+module-wide masker, the C{pformat} swap, C{onMessageEnd}, C{send_queue}, C{sendCloseFrame},
+C{closeHandshakeTimeoutCall}.  tests/test_dependencies.py checks each against the installed
+Autobahn, and setup.py caps Autobahn below the next release line.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ class SyncProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         server = self.factory.sync_server
-        self._session = session = server.open_session(self, self._ip)
+        self._session = server.open_session(self, self._ip)
         try:
             self.transport.registerProducer(self, True)
         except RuntimeError:

@@ -1,7 +1,7 @@
 """
 The SyncKit wire codec: WebSocket message bytes <-> message dicts.
 
-Two encodings share one connection (PROTOCOL.md section 2):
+Two encodings share one connection (docs/protocol.md section 2):
 
 - binary frames, ``[u8 type code][i64 BE timestamp ms][u32 BE payload length][JSON payload]``,
   used by the SDK and the test client;
@@ -27,7 +27,7 @@ import orjson
 
 Message = dict[str, Any]
 
-#: Type codes of the binary encoding, as in the SDK's ``client.ts`` (PROTOCOL.md table 2.2).
+#: Type codes of the binary encoding, as in the SDK's ``client.ts`` (docs/protocol.md section 2).
 TYPE_CODES: dict[str, int] = {
     "auth": 0x01,
     "auth_success": 0x02,

@@ -1,5 +1,5 @@
 """
-Reassembly of ``delta_batch_chunk`` sets (PROTOCOL.md section 4.10), with the R-5 limits, and the
+Reassembly of ``delta_batch_chunk`` sets (docs/protocol.md, ``delta_batch_chunk``), with its limits, and the
 lenient base64 decoding the chunks' data needs.
 """
 
@@ -101,7 +101,7 @@ class LimitTests(SynchronousTestCase):
         self.assertIsNone(assembler.add(chunk("c", 5, 0, b"aaa"), 0.0))
 
     def test_default_chunk_cap(self) -> None:
-        """By default a set may have up to 1000 chunks (R-5), and no more."""
+        """By default a set may have up to 1000 chunks, and no more."""
         self.assertRaises(ChunkError, ChunkAssembler().add, chunk("c", 1001, 0, b"aaa"), 0.0)
         self.assertIsNone(ChunkAssembler().add(chunk("c", 1000, 0, b"aaa"), 0.0))
 
@@ -127,7 +127,7 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(assembler.add(chunk("c", 2, 1, b"456789"), 0.0), b"123456789")
 
     def test_default_byte_cap(self) -> None:
-        """By default a reassembled set may be 16 MiB (R-5), and no more."""
+        """By default a reassembled set may be 16 MiB, and no more."""
         assembler = ChunkAssembler()
         big = b"\0" * (8 * 1024 * 1024 - 2)
         self.assertIsNone(assembler.add(chunk("c", 3, 0, big), 0.0))
@@ -146,7 +146,7 @@ class LimitTests(SynchronousTestCase):
 
 class ExpiryTests(SynchronousTestCase):
     def test_default_timeout(self) -> None:
-        """Sets expire 30 s after their first chunk by default (section 4.10)."""
+        """Sets expire 30 s after their first chunk by default."""
         self.assertEqual(ChunkAssembler().timeout, 30.0)
 
     def test_expire_drops_only_old_sets(self) -> None:

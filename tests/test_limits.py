@@ -1,5 +1,5 @@
 """
-The per-connection message rate limit and the connection limits (PROTOCOL.md sections 8.1, 8.2).
+The per-connection message rate limit and the connection limits (docs/protocol.md sections 1 and 3).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """
-Fan-out between server instances (PROTOCOL.md section 7.6, where relay is a MAY that we do):
+Fan-out between server instances (docs/architecture.md, "Other instances"):
 L{LocalBus}/L{LocalPubSub} on their own, then two servers on one bus, each with its own clients,
 checking that writes and presence reach the other instance and that both converge.
 """

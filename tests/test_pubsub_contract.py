@@ -14,6 +14,7 @@ from typing import Any
 import cbor2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
@@ -177,6 +178,36 @@ class RedisTests(TestCase):
             await pubsub.start(lambda *_: None, lambda: None)
         self.assertLess(time.monotonic() - started, 2.5)
         self.assertIn("cannot reach Redis at 127.0.0.1:", str(caught.exception))
+
+    async def test_unanswered_call_times_out_and_reconnects(self) -> None:
+        """
+        A Redis that takes connections but never answers: publish and ping fail with
+        L{PubSubUnavailable} after the timeout, and the connection that owes the answers is
+        dropped and made again (Redis answers in order, so nothing after it could get through).
+        """
+        connections: list[Protocol] = []
+
+        class Silent(Protocol):
+            def connectionMade(self) -> None:
+                connections.append(self)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        pubsub = RedisPubSub(reactor, f"redis://127.0.0.1:{port.getHost().port}", timeout=0.2)
+        await pubsub.start(lambda *_: None, lambda: None)  # no password, no database: nothing to answer
+        self.addCleanup(pubsub.stop)
+        self.assertEqual(len(connections), 2)  # the publisher and the subscriber
+        with self.assertRaises(PubSubUnavailable) as caught:
+            await pubsub.publish("delta", "d", {"n": 1})
+        self.assertIn("did not answer publish within 0.2 s", str(caught.exception))
+
+        async def unanswered_again() -> None:
+            with self.assertRaises(PubSubUnavailable) as caught:
+                await pubsub.ping()
+            self.assertIn("did not answer ping within 0.2 s", str(caught.exception))
+
+        await eventually(unanswered_again, within=5)  # "not connected" until the publisher is back
+        self.assertGreaterEqual(len(connections), 3)
 
     async def test_outage(self) -> None:
         """

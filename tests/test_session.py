@@ -1,5 +1,5 @@
 """
-The per-connection message pipeline (PROTOCOL.md sections 2.6-2.8, 3 and 8.2): decoding errors,
+The per-connection message pipeline (docs/protocol.md sections 2 and 3): decoding errors,
 the allow-list, the size and rate limits, pongs, reply framing, strict in-order handling while
 storage is waiting, unexpected handler failures, and chunk reassembly.
 """
@@ -248,7 +248,7 @@ class FramingTests(PipelineTestCase):
     def test_binary_until_text_frame(self) -> None:
         """
         Replies are binary frames until the first text frame arrives, JSON text frames from then
-        on, even to later binary input (R-1); JSON inside a binary frame does not switch.
+        on, even to later binary input; JSON inside a binary frame does not switch.
         """
         h = self.harness()
         session, client = h.connect()

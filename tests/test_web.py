@@ -1,4 +1,4 @@
-"""The HTTP routes and headers (PROTOCOL.md sections 1.2 and 1.3), through the real Site on a port."""
+"""The HTTP routes and headers (docs/protocol.md section 1), through the real Site on a port."""
 
 from __future__ import annotations
 
@@ -8,13 +8,18 @@ from typing import Any, Optional
 import jwt
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.trial.unittest import TestCase
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
 from synckit.pubsub.local import LocalBus, LocalPubSub
 from synckit.service import SyncKitService
 from synckit.storage.memory import MemoryStorage
+from synckit.web import answer_later
 from tests.helpers import SECRET, config
 
 
@@ -255,3 +260,26 @@ class WebTests(TestCase):
             self.assertEqual(detailed["connections"], {"totalConnections": 0, "totalUsers": 0, "totalClients": 0})
 
         return self.run_async(go)
+
+
+class AnswerLaterTests(SynchronousTestCase):
+    def test_answers_when_ready(self) -> None:
+        """An answer that comes later is written as JSON with its status, and the request finished."""
+        request, answer = DummyRequest([b""]), Deferred()
+        self.assertIs(answer_later(request, answer), NOT_DONE_YET)
+        answer.callback((503, {"status": "unavailable"}))
+        self.assertEqual((request.responseCode, json.loads(b"".join(request.written))), (503, {"status": "unavailable"}))
+        self.assertEqual(request.finished, 1)
+
+    def test_client_gone_before_the_answer(self) -> None:
+        """
+        A client that disconnects before the answer is ready gets nothing written: the request
+        learns it through the public notifyFinish, not Twisted's private disconnect flag.
+        """
+        channel = DummyChannel()
+        request, answer = Request(channel), Deferred()
+        answer_later(request, answer)
+        request.connectionLost(Failure(ConnectionDone()))
+        answer.callback((200, {"late": True}))
+        self.assertIsNone(self.successResultOf(answer))  # finishing a lost request would raise
+        self.assertEqual((channel.transport.written.getvalue(), request.finished), (b"", 0))

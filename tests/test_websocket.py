@@ -37,6 +37,23 @@ class Recorder(WebSocketClientProtocol):
         self.close_info = (wasClean, code, reason)
 
 
+def connect(harness: Harness, **options: Any) -> tuple[iosim.IOPump, Recorder, Any]:
+    """
+    A WebSocket client connected to a L{SyncProtocol} of C{harness}'s server in memory, past the
+    opening handshake: the pump, the client, the server's protocol.  Autobahn's timers run on
+    C{txaio.config.loop}, which the caller points at the harness's clock.
+    """
+    factory = SyncFactory(harness.server, harness.server.config)
+    if options:
+        factory.setProtocolOptions(**options)
+    client_factory = WebSocketClientFactory("ws://localhost/ws")
+    client_factory.protocol = Recorder
+    server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+    client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
+    return pump, client, server
+
+
 class AdapterTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -44,15 +61,7 @@ class AdapterTests(SynchronousTestCase):
         self.patch(txaio.config, "loop", self.clock)
 
     def connect(self, harness: Harness, **options: Any) -> tuple[iosim.IOPump, Recorder, Any]:
-        factory = SyncFactory(harness.server, harness.server.config)
-        if options:
-            factory.setProtocolOptions(**options)
-        client_factory = WebSocketClientFactory("ws://localhost/ws")
-        client_factory.protocol = Recorder
-        server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
-        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
-        pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
-        return pump, client, server
+        return connect(harness, **options)
 
     def test_replies_in_binary_frames(self) -> None:
         """A binary request is answered with a binary frame the client can decode."""
@@ -71,7 +80,7 @@ class AdapterTests(SynchronousTestCase):
         self.assertEqual([(m["type"], is_binary) for m, is_binary in client.received], [("pong", True)] * 2)
 
     def test_text_frames_switch_to_json(self) -> None:
-        """After a text frame, replies are JSON text frames (PROTOCOL.md R-1)."""
+        """After a text frame, replies are JSON text frames (docs/protocol.md section 2)."""
         pump, client, _ = self.connect(Harness(clock=self.clock))
         client.sendMessage(b'{"type":"ping","id":"p","timestamp":1}', isBinary=False)
         pump.flush()

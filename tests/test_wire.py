@@ -1,5 +1,5 @@
 """
-The wire codec (PROTOCOL.md section 2): binary and JSON decoding, frame encoding, size checks
+The wire codec (docs/protocol.md section 2): binary and JSON decoding, frame encoding, size checks
 and message ids, plus fuzzing that no input makes the decoder fail in an unexpected way.
 """
 
@@ -204,7 +204,7 @@ class JsonDecodeTests(SynchronousTestCase):
 
     def test_required_members_use_javascript_truthiness(self) -> None:
         """
-        The check is JavaScript truthiness (section 2.4): an empty array or object is truthy there,
+        The check is JavaScript truthiness (docs/protocol.md section 2): an empty array or object is truthy there,
         so a message whose id or timestamp is ``[]`` or ``{}`` is accepted.
         """
         for key, value in (("id", []), ("timestamp", {}), ("id", {})):

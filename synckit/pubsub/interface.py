@@ -1,5 +1,6 @@
 """
-How instances of the server tell each other about writes and presence (PROTOCOL.md section 7.6).
+How instances of the server tell each other about writes and presence (docs/architecture.md,
+"Other instances").
 
 Each instance publishes what its own clients changed, per document, and merges what the others
 publish into its cached documents, then broadcasts it to its own subscribers.  An instance never

@@ -1,6 +1,6 @@
 """
 Pub/sub between instances over Redis (txredisapi), for running several instances behind a load
-balancer (PROTOCOL.md section 7.6).
+balancer (docs/architecture.md, "Other instances"; docs/operations.md for running it).
 
 Each document has two channels, ``<prefix>delta:<id>`` and ``<prefix>awareness:<id>``; an
 instance subscribes to them while it watches the document.  A publication is a CBOR map
@@ -11,7 +11,11 @@ Two connections, as Redis requires: one publishes and pings, one subscribes.  Bo
 by themselves with back-off.  The subscriber subscribes again to every watched channel each time
 it connects (txredisapi does not restore subscriptions), and after a reconnect asks the server
 to resync, since publications sent meanwhile are lost.  Calls fail with L{PubSubUnavailable} while
-Redis is down, or after the timeout if it does not answer.
+Redis is down, or after the timeout (L{synckit.timeouts.within}) if it does not answer; a
+connection that does not answer in time is dropped, and made again, as one that Redis closed.
+
+Each connection's protocol tells this module when it is ready and when it is lost, and commands
+go straight to it: txredisapi's pool (its handler, size and queue of connections) is not used.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from synckit.pubsub.interface import KINDS, IPubSub, PubSubUnavailable, Receiver, Resync
+from synckit.timeouts import within
 
 
 class RedisAddress:
@@ -56,6 +61,21 @@ class RedisAddress:
         return f"{self.host}:{self.port}"
 
 
+class _Publisher(txredisapi.RedisProtocol):
+    """The connection that publishes and pings: the owner holds it while it is ready."""
+
+    owner: "RedisPubSub"
+
+    def connectionMade(self) -> Deferred:
+        d = super().connectionMade()  # AUTH and SELECT first; whenConnected fires after them
+        self.whenConnected().addCallback(self.owner._publisher_ready)
+        return d
+
+    def connectionLost(self, why: Failure) -> None:
+        self.owner._publisher_lost(self)
+        super().connectionLost(why)
+
+
 class _Subscriber(txredisapi.SubscriberProtocol):
     """Subscribes to the owner's watched channels whenever it connects, and hands it what arrives."""
 
@@ -63,7 +83,7 @@ class _Subscriber(txredisapi.SubscriberProtocol):
 
     def connectionMade(self) -> Deferred:
         d = super().connectionMade()  # AUTH first; whenConnected fires after it
-        self.whenConnected().addCallback(lambda _: self.owner._subscriber_ready(self))
+        self.whenConnected().addCallback(self.owner._subscriber_ready)
         return d
 
     def connectionLost(self, why: Failure) -> None:
@@ -74,17 +94,28 @@ class _Subscriber(txredisapi.SubscriberProtocol):
         self.owner._message(channel, message)
 
 
-class _SubscriberFactory(txredisapi.SubscriberFactory):
-    protocol = _Subscriber
+class _Factory(txredisapi.RedisFactory):
+    """
+    One reconnecting connection of C{protocol}, handing its owner to each protocol it builds.
+    Raw bytes in and out: CBOR is binary, and text that looks like a number must stay text.
+    No reply timeout of its own: every call is made L{within} the owner's.
+    """
 
-    def __init__(self, owner: "RedisPubSub") -> None:
-        super().__init__(isLazy=True)
+    initialDelay = 0.5
+    maxDelay = 5
+
+    def __init__(self, owner: "RedisPubSub", protocol: type, address: "RedisAddress", db: Optional[int]) -> None:
+        super().__init__(
+            None, db, 1, isLazy=True, charset=None, password=address.password, convertNumbers=False,
+            username=address.username,
+        )  # fmt: skip
+        self.protocol = protocol
         self.owner = owner
 
-    def buildProtocol(self, addr: Any) -> _Subscriber:
-        subscriber = super().buildProtocol(addr)
-        subscriber.owner = self.owner
-        return subscriber
+    def buildProtocol(self, addr: Any) -> Any:
+        connection = super().buildProtocol(addr)
+        connection.owner = self.owner
+        return connection
 
 
 @implementer(IPubSub)
@@ -116,21 +147,15 @@ class RedisPubSub:
         self._watched: set[str] = set()
         self._receiver: Optional[Receiver] = None
         self._resync: Optional[Resync] = None
+        #: the ready connections, or C{None} while each is down
+        self._publisher: Optional[_Publisher] = None
         self._subscriber: Optional[_Subscriber] = None
         self._ever_subscribed = False
-        self._publisher = self._factory(txredisapi.RedisFactory(None, self._address.db, 1, isLazy=True))
-        self._subscribers = self._factory(_SubscriberFactory(self))
-
-    def _factory(self, factory: txredisapi.RedisFactory) -> txredisapi.RedisFactory:
-        # Raw bytes in and out: CBOR is binary, and text that looks like a number must stay text.
-        factory.charset = None
-        factory.convertNumbers = False
-        factory.username = self._address.username
-        factory.password = self._address.password
-        factory.replyTimeout = self._timeout
-        factory.initialDelay = 0.5
-        factory.maxDelay = 5
-        return factory
+        # Subscriptions do not depend on the database: the subscriber selects none.
+        self._factories = (
+            _Factory(self, _Publisher, self._address, self._address.db),
+            _Factory(self, _Subscriber, self._address, None),
+        )
 
     def channel(self, kind: str, doc_id: str) -> str:
         return f"{self._prefix}{kind}:{doc_id}"
@@ -138,12 +163,14 @@ class RedisPubSub:
     # Lifecycle
 
     async def _start(self) -> None:
-        for factory in (self._publisher, self._subscribers):
+        for factory in self._factories:
             factory.startConnecting(HostnameEndpoint(self._reactor, self._address.host, self._address.port, timeout=self._timeout))
-        # Both factories keep retrying in the background; what fails here is the wait.
-        both = DeferredList([self._publisher.deferred, self._subscribers.deferred], fireOnOneErrback=True, consumeErrors=True)
+        # Both factories keep retrying in the background; what fails here is the wait.  A
+        # factory's deferred fires once its connection is ready, and fails at once if Redis
+        # refuses the password or the database.
+        both = DeferredList([factory.deferred for factory in self._factories], fireOnOneErrback=True, consumeErrors=True)
         try:
-            await both.addTimeout(self._timeout, self._reactor)
+            await within(both, self._timeout, self._reactor)
         except Exception:
             await self._disconnect()
             raise PubSubUnavailable(f"cannot reach Redis at {self._address} within {self._timeout:g} s") from None
@@ -154,7 +181,7 @@ class RedisPubSub:
         return Deferred.fromCoroutine(self._start())
 
     async def _disconnect(self) -> None:
-        await DeferredList([self._publisher.disconnect(), self._subscribers.disconnect()], consumeErrors=True)
+        await DeferredList([factory.disconnect() for factory in self._factories], consumeErrors=True)
         # txredisapi hands connections over one reactor turn late (callLater(0)): let that land.
         await deferLater(self._reactor, 0, lambda: None)
 
@@ -162,6 +189,15 @@ class RedisPubSub:
         self._receiver = None
         self._resync = None
         return Deferred.fromCoroutine(self._disconnect())
+
+    # Connections
+
+    def _publisher_ready(self, publisher: _Publisher) -> None:
+        self._publisher = publisher
+
+    def _publisher_lost(self, publisher: _Publisher) -> None:
+        if self._publisher is publisher:
+            self._publisher = None
 
     # Subscriptions
 
@@ -171,7 +207,7 @@ class RedisPubSub:
             self.reconnects += 1
             self._log.info("Redis at {address} is back; subscribing again", address=str(self._address))
         channels = [self.channel(kind, doc_id) for doc_id in self._watched for kind in KINDS]
-        d = subscriber.subscribe(channels) if channels else succeed(None)
+        d = self._call(subscriber, "subscribe", lambda: subscriber.subscribe(channels)) if channels else succeed(None)
         if self._ever_subscribed:
             d.addCallback(lambda _: self._resync and self._resync())
         d.addErrback(lambda f: self._log.warn("subscribing again failed: {error}", error=f.getErrorMessage()))
@@ -193,9 +229,11 @@ class RedisPubSub:
 
     def _send_subscription(self, command: str, doc_id: str) -> None:
         """Tell the live subscriber connection; if there is none, connecting will catch up."""
-        if self._subscriber is None:
+        subscriber = self._subscriber
+        if subscriber is None:
             return
-        d = getattr(self._subscriber, command)([self.channel(kind, doc_id) for kind in KINDS])
+        channels = [self.channel(kind, doc_id) for kind in KINDS]
+        d = self._call(subscriber, command, lambda: getattr(subscriber, command)(channels))
         d.addErrback(lambda f: self._log.warn("{command} {doc} failed: {error}", command=command, doc=doc_id, error=f.getErrorMessage()))
 
     def _message(self, channel: bytes, data: bytes) -> None:
@@ -213,38 +251,51 @@ class RedisPubSub:
 
     # Calls
 
-    def _within(self, d: Deferred, what: str) -> Deferred:
-        """C{d} within the timeout; its round trip is observed when it succeeds."""
-        if self._observe is not None:
-            started = time.perf_counter()
+    def _call(self, connection: Any, what: str, command: Callable[[], Deferred], observed: bool = False) -> Deferred:
+        """
+        C{command} on C{connection}, within the timeout; if C{observed}, its round trip goes to
+        the metrics when it succeeds.  Redis answers a connection's commands in order, so one
+        that goes unanswered holds up everything behind it: at the timeout the connection is
+        dropped, which fails what it still owes and makes it again (the subscriber then
+        subscribes again and asks for a resync).
+        """
+        started = time.perf_counter()
+        try:
+            d = command()
+        except txredisapi.ConnectionError:
+            return fail().addErrback(self._lost)
+
+        def late(settled: Deferred) -> PubSubUnavailable:
+            connection.transport.abortConnection()
+            return PubSubUnavailable(f"Redis at {self._address} did not answer {what} within {self._timeout:g} s")
+
+        if observed and self._observe is not None:
             observe = self._observe
             d.addCallback(lambda result: (observe(what, time.perf_counter() - started), result)[1])
-        return d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=lambda *_: self._late(what))
-
-    def _late(self, what: str) -> None:
-        raise PubSubUnavailable(f"Redis at {self._address} did not answer {what} within {self._timeout:g} s")
-
-    def _connection(self) -> Any:
-        if not self._publisher.size:
-            raise PubSubUnavailable(f"Redis at {self._address} is not connected")
-        return self._publisher.handler
-
-    def publish(self, kind: str, doc_id: str, payload: dict[str, Any]) -> Deferred:
-        data = cbor2.dumps({"i": self.instance_id, "p": payload})
-        try:
-            connection = self._connection()
-        except PubSubUnavailable:
-            return fail()
-        return self._within(connection.publish(self.channel(kind, doc_id), data), "publish").addErrback(self._lost)
+        return within(d, self._timeout, self._reactor, late).addErrback(self._lost)
 
     def _lost(self, failure: Failure) -> None:
         """A call cut off by a lost connection: Redis is unavailable, as for one never made."""
         failure.trap(txredisapi.ConnectionError)
         raise PubSubUnavailable(f"Redis at {self._address} is not connected: {failure.getErrorMessage()}")
 
+    def _connected(self) -> _Publisher:
+        if self._publisher is None:
+            raise PubSubUnavailable(f"Redis at {self._address} is not connected")
+        return self._publisher
+
+    def publish(self, kind: str, doc_id: str, payload: dict[str, Any]) -> Deferred:
+        data = cbor2.dumps({"i": self.instance_id, "p": payload})
+        try:
+            publisher = self._connected()
+        except PubSubUnavailable:
+            return fail()
+        return self._call(publisher, "publish", lambda: publisher.publish(self.channel(kind, doc_id), data), observed=True)
+
     async def _ping(self) -> float:
         started = time.perf_counter()
-        await self._within(self._connection().ping(), "ping")
+        publisher = self._connected()
+        await self._call(publisher, "ping", publisher.ping, observed=True)
         return time.perf_counter() - started
 
     def ping(self) -> "Deferred[float]":

@@ -70,7 +70,7 @@ class Config:
     jwt_user_claim: tuple[str, ...] = ("userId", "sub")
     jwt_permissions_claim: str = "permissions"
     trusted_proxies: tuple[IPNetwork | str, ...] = ()
-    max_http_connections_per_ip: int = 50
+    max_http_connections_per_ip: Optional[int] = None
     http_header_timeout: int = 10_000
     http_idle_timeout: int = 60_000
     max_http_body_size: int = 64 * 1024
@@ -283,7 +283,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("jwt_user_claim", "SYNCKIT_JWT_USER_CLAIM", _some_words, "claims tried in order for the user id"),
     Setting("jwt_permissions_claim", "SYNCKIT_JWT_PERMISSIONS_CLAIM", _text, "claim holding {canRead, canWrite, isAdmin}"),
     Setting("trusted_proxies", "SYNCKIT_TRUSTED_PROXIES", _networks, "comma-separated addresses or CIDR blocks of reverse proxies whose X-Forwarded-For and X-Real-IP are believed, and 'unix' for a proxy on a unix socket; unset: none"),
-    Setting("max_http_connections_per_ip", "SYNCKIT_MAX_HTTP_CONNECTIONS_PER_IP", _integer(1), "open connections per peer address not upgraded to WebSocket (trusted proxies exempt)"),
+    Setting("max_http_connections_per_ip", "SYNCKIT_MAX_HTTP_CONNECTIONS_PER_IP", _integer(1), "open connections per peer address not (yet) upgraded to WebSocket, trusted proxies exempt; unset: max-connections-per-ip, so that as many clients of one address may be in their handshake as may be connected"),
     Setting("http_header_timeout", "SYNCKIT_HTTP_HEADER_TIMEOUT", _integer(100), "ms a connection has to send a request's complete headers, from its start or the previous response"),
     Setting("http_idle_timeout", "SYNCKIT_HTTP_IDLE_TIMEOUT", _integer(100), "ms after which a silent HTTP connection is closed"),
     Setting("max_http_body_size", "SYNCKIT_MAX_HTTP_BODY_SIZE", _integer(0), "largest HTTP request body accepted, in bytes; larger ones are refused with 413 before they are read"),

@@ -644,7 +644,8 @@ def make_listener(server: SyncServer, config: Config) -> PerAddressLimit:
     if config.echo_endpoint:
         websockets[b"/echo"] = echo_factory(config)
     site = make_site(server, config, websockets)
-    return PerAddressLimit(site, websockets, config.max_http_connections_per_ip, config.trusted_proxies)
+    per_address = config.max_http_connections_per_ip or config.max_connections_per_ip
+    return PerAddressLimit(site, websockets, per_address, config.trusted_proxies)
 
 
 def make_site(server: SyncServer, config: Config, websockets: dict[bytes, WebSocketServerFactory]) -> Site:

@@ -159,6 +159,16 @@ class PerAddressTests(ListenerCase):
         self.lose(first)
         self.assertIsNotNone(self.connect())
 
+    def test_cap_follows_websocket_cap_by_default(self) -> None:
+        """
+        Unset, the cap is max-connections-per-ip: as many clients of one address may be in
+        their handshake at once (a reconnect storm from behind one NAT) as may be connected.
+        """
+        self.listen(max_connections_per_ip=120)
+        pending = [self.connect() for _ in range(120)]
+        self.assertNotIn(None, pending)
+        self.assertIsNone(self.connect())
+
     def test_silent_connections_count_and_are_dropped(self) -> None:
         """Connections that send nothing count too, and go at the idle timeout, freeing their places."""
         self.listen(max_http_connections_per_ip=1, http_idle_timeout=5000)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import re
 from typing import Mapping, Optional
 
-from twisted.internet.interfaces import IAddress, IProtocol, ISSLTransport, ITransport
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolNegotiationFactory, ISSLTransport, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.server import Site
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 # An "Upgrade: websocket" header line (RFC 6455 section 4.1: the value is case-insensitive).
 _UPGRADE = re.compile(rb"^upgrade:[ \t]*websocket[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
@@ -89,6 +89,7 @@ class Routed(ProtocolWrapper, TimeoutMixin):
             protocol.connectionLost(reason)
 
 
+@implementer(IProtocolNegotiationFactory)
 class UpgradeRouter(Factory):
     """
     @param websockets: the WebSocket factories by request path (C{b"/ws"}), which the site must
@@ -103,6 +104,14 @@ class UpgradeRouter(Factory):
 
     def buildProtocol(self, addr: IAddress) -> Optional[Protocol]:
         return self.protocol(self, addr)  # type: ignore[call-arg]
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """
+        What a TLS endpoint offers over ALPN: HTTP/1.1, the one that carries WebSocket upgrades.
+        Twisted's TLS fails the handshake of any client that offers ALPN (every browser does)
+        when the factory offers nothing.
+        """
+        return [b"http/1.1"]
 
     def route(self, data: bytes) -> Factory:
         """The factory for a connection whose first read was C{data}."""

@@ -143,9 +143,10 @@ class ListenCase(TestCase):
 class TLSTests(ListenCase):
     def test_wss_upgrade_auth_and_sync(self) -> Deferred:
         """
-        Through an ``ssl:`` endpoint: wss:// clients that trust only the test certificate are
-        upgraded straight to WebSocket by the router, authenticate with a token, and a write is
-        acknowledged and broadcast; HTTPS serves /health/live on the same port.
+        Through an ``ssl:`` endpoint: wss:// clients that trust only the test certificate and
+        offer ALPN as browsers do (h2, http/1.1) get http/1.1, are upgraded straight to WebSocket
+        by the router, authenticate with a token, and a write is acknowledged and broadcast;
+        HTTPS serves /health/live on the same port.
         """
 
         async def run() -> None:
@@ -155,7 +156,9 @@ class TLSTests(ListenCase):
             service = self.start(auth_required=True, listen=(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",))
             await service.started
             port = service.ports[0].getHost().port
-            tls = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(pem))
+            tls = optionsForClientTLS(
+                "localhost", trustRoot=Certificate.loadPEM(pem), acceptableProtocols=[b"h2", b"http/1.1"]
+            )
             clients = [
                 await self.client(wrapClientTLS(tls, TCP4ClientEndpoint(reactor, "127.0.0.1", port)), f"wss://localhost:{port}/ws")
                 for _ in range(2)

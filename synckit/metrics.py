@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from synckit.wire import TYPE_CODES
 
 #: Error codes the server sends in ``error.details.code``; anything else counts as "other".
-ERROR_CODES = ("AUTH_REQUIRED", "INVALID_MESSAGE", "RATE_LIMIT_EXCEEDED", "STORAGE_UNAVAILABLE")
+ERROR_CODES = ("AUTH_REQUIRED", "INVALID_MESSAGE", "RATE_LIMIT_EXCEEDED", "STORAGE_UNAVAILABLE", "TOO_MANY_OPERATIONS")
 
 #: Kinds of operations relayed without being applied on the server.
 OPERATION_KINDS = ("counter", "set", "richtext", "text")

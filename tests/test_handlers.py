@@ -769,7 +769,7 @@ class DeltaBatchTests(HandlerTestCase):
         self.assertEqual(self.state(h, "d"), {"a": 1})
 
     def test_text_op_client_id_kept(self) -> None:
-        """A legacy text op is relayed with its own clientId and is not stored."""
+        """A legacy text op is relayed with its own clientId, counted, and not stored."""
         h = self.harness()
         writer, writer_client = h.connect()
         reader, reader_client = self.subscribed(h)
@@ -778,6 +778,7 @@ class DeltaBatchTests(HandlerTestCase):
         self.one(writer_client, "ack")
         self.assertEqual(self.one(reader_client, "delta_batch")["deltas"], [op])
         self.assertIsNone(self.successResultOf(h.storage.load("d")))
+        self.assertEqual(h.server.metrics.operations.values["text"], 1)
 
     def test_text_state_without_state_refused(self) -> None:
         """A text-state op without a state is refused with an error naming it, not silently acked."""

@@ -222,6 +222,7 @@ class SyncEngine:
             relays = [self._text_relay(op, state, writer.id) for op in change.text_ops]
             self._relay(doc.id, relays, True, writer)
             payload["textOps"] = relays
+            self.metrics.operations.inc("text", sum(1 for op in change.text_ops if op.get("type") == "text"))
         if change.ops:
             ops = [op for _, _, op in change.ops]
             self._relay(doc.id, ops, False, writer)

@@ -162,6 +162,14 @@ class SyncProtocol(WebSocketServerProtocol):
             super()._connectionMade()
         finally:
             module["pformat"] = pprint.pformat
+        # Autobahn sets TCP_NODELAY in connectionMade, before _connectionMade has copied the
+        # factory's tcpNoDelay option onto the protocol, and swallows the AttributeError: Nagle
+        # stayed on, and a reply written after the client's last packet waited up to 40 ms for
+        # its delayed ACK (every other round trip on PostgreSQL).
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except (AttributeError, OSError):
+            pass  # not TCP: a unix socket
 
     def onConnect(self, request: Any) -> None:
         self._ip = client_ip(request.headers, request.peer, self.factory.sync_server.config.trusted_proxies)

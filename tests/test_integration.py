@@ -6,6 +6,7 @@ client sees from ``twistd synckit``.
 from __future__ import annotations
 
 import json
+import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -38,6 +39,23 @@ class ServiceTests(ServiceCase):
                 self.assertEqual((delta["field"], delta["value"], delta["clientId"]), ("title", "héllo", "server"))
             bob.send("sync_request", {"id": "again", "documentId": "doc-1"})
             self.assertEqual((await bob.wait_type("sync_response"))["state"], {"title": "héllo"})
+
+        return ensureDeferred(run())
+
+    def test_nagle_off_on_websocket_connections(self) -> Deferred:
+        """
+        The server's side of a WebSocket connection has TCP_NODELAY on, so a reply is sent at
+        once rather than held for the client's delayed ACK.
+        """
+
+        async def run() -> None:
+            service, port = await self.started()
+            client = await self.client(port)
+            client.send("ping", {})
+            await client.wait_type("pong")
+            [session] = service.server.sessions
+            handle = session.client.transport.getHandle()
+            self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
         return ensureDeferred(run())
 

@@ -85,6 +85,7 @@ class Config:
     deltas_retention: int = 30 * 24 * 3600
     tombstone_retention: int = 7 * 24 * 3600
     cleanup_interval: int = 3600
+    state_sync_interval: int = 1
 
 
 # Parsers: text -> value, raising ValueError with a short reason.
@@ -298,6 +299,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("deltas_retention", "SYNCKIT_DELTAS_RETENTION", _duration, "how long PostgreSQL's delta log (an audit log no server reads) keeps each write, e.g. 30d"),
     Setting("tombstone_retention", "SYNCKIT_TOMBSTONE_RETENTION", _duration, "how long a deleted field's stamp is kept, so that a delayed older write cannot bring the field back, e.g. 7d"),
     Setting("cleanup_interval", "SYNCKIT_CLEANUP_INTERVAL", _duration, "time between cleanups applying deltas-retention and tombstone-retention, e.g. 1h"),
+    Setting("state_sync_interval", "SYNCKIT_STATE_SYNC_INTERVAL", _duration, "how far behind PostgreSQL's documents.state (the copy the reference server reads) may fall: time between bringing it up to date, e.g. 1s"),
 )  # fmt: skip
 
 _BY_OPTION = {s.option: s for s in SETTINGS}

@@ -244,6 +244,10 @@ class SyncKitService(MultiService):
         #: the retention cleanup (docs/data-lifecycle.md): a child from storage's start to its stop
         self.retention = TimerService(config.cleanup_interval, self.cleanup)
         self.retention.clock = reactor
+        #: brings documents.state (what the reference reads) up to date with the writes saved
+        #: since: a child from storage's start to its stop, as the retention is
+        self.state_sync = TimerService(config.state_sync_interval, self.sync_state)
+        self.state_sync.clock = reactor
         #: fires once every listener listens, or fails if start-up failed.
         self.started: Deferred = Deferred()
 
@@ -263,6 +267,7 @@ class SyncKitService(MultiService):
     async def _start(self) -> None:
         await self.storage.start()
         self.retention.setServiceParent(self)
+        self.state_sync.setServiceParent(self)
         await self.pubsub.start(self.server.engine.receive_remote, self.server.engine.resync)
         await self._listen()
         self._housekeeping.start(housekeeping_interval(self.config), now=False)
@@ -294,6 +299,21 @@ class SyncKitService(MultiService):
             self._log.warn("cleanup postponed: {error}", error=failure.getErrorMessage())
         else:
             self._log.failure("cleanup failed", failure)
+
+    def sync_state(self) -> Deferred:
+        """
+        Bring storage's reference-readable copy up to date.  Never fails (a failure would end
+        the timer): storage being down is logged, and the next run catches up.
+        """
+        d = self.storage.sync_state()
+        d.addErrback(self._sync_state_failed)
+        return d
+
+    def _sync_state_failed(self, failure: Failure) -> None:
+        if failure.check(StorageUnavailable):
+            self._log.warn("documents.state not brought up to date: {error}", error=failure.getErrorMessage())
+        else:
+            self._log.failure("bringing documents.state up to date failed", failure)
 
     async def _listen(self) -> None:
         listeners = self.listeners + self.metrics_listeners
@@ -345,6 +365,8 @@ class SyncKitService(MultiService):
             self._housekeeping.stop()
         if self.retention.parent is not None:
             await self.retention.disownServiceParent()  # a cleanup under way ends first
+        if self.state_sync.parent is not None:
+            await self.state_sync.disownServiceParent()  # storage's stop brings it up to date last
         # Listening stops first: no new connection arrives while the open ones are closed.
         await DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners + self.metrics_listeners])
         self.ports = []

@@ -186,6 +186,21 @@ class StorageContract:
         self.assertEqual((await storage.load("e")).stamps, {"f": (500, 1, "w1")})  # type: ignore[attr-defined]
         self.assertEqual(await storage.cleanup(0, 3.0), Cleaned(0, 0))  # type: ignore[attr-defined]
 
+    async def test_sync_state_changes_no_load(self) -> None:
+        """
+        Bringing the reference-readable copy up to date changes nothing a load gives, before
+        or after further writes; a second run has nothing left to do.
+        """
+        storage = await self.fresh()
+        await save(storage, "d", [write("a", 1), write("b", 2, counter=2), write("c", 3, counter=3)])
+        await save(storage, "d", [write("b", TOMBSTONE, "w2", 1, 2000)])
+        before = await storage.load("d")
+        await storage.sync_state()
+        self.assertEqual(await storage.load("d"), before)  # type: ignore[attr-defined]
+        self.assertEqual(await storage.sync_state(), 0)  # type: ignore[attr-defined]
+        await save(storage, "d", [write("b", "back", "w2", 2, 3000)])
+        self.assertEqual((await storage.load("d")).fields, {"a": 1, "b": "back", "c": 3})  # type: ignore[attr-defined]
+
     async def test_ping(self) -> None:
         storage = await self.fresh()
         self.assertGreaterEqual(await storage.ping(), 0)  # type: ignore[attr-defined]

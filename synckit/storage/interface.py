@@ -149,6 +149,17 @@ class IStorage(Interface):
         @raise StorageUnavailable: as for L{save}; what was forgotten before stays forgotten.
         """
 
+    def sync_state() -> "Deferred[int]":
+        """
+        Bring the copy of every document that other programs read (PostgreSQL's
+        ``documents.state``, in the reference server's shape) up to date with the writes saved
+        since, and fire with how many documents changed.  Saves only write what they change and
+        leave this copy behind; the service calls this every ``state-sync-interval``.  Loads never
+        depend on it.
+
+        @raise StorageUnavailable: as for L{save}; what was brought up to date stays so.
+        """
+
     def ping() -> "Deferred[float]":
         """Round trip to the storage, in seconds; fails if it cannot be reached."""
 

@@ -89,6 +89,9 @@ class MemoryStorage:
         )
         return succeed(Cleaned(0, documents))
 
+    def sync_state(self) -> "Deferred[int]":
+        return succeed(0)  # nothing here is read by another program
+
     def ping(self) -> "Deferred[float]":
         return succeed(0.0)
 

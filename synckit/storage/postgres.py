@@ -3,8 +3,11 @@ Storage in PostgreSQL, over txpostgres.
 
 The tables are the reference server's, so either server reads what the other wrote.  A save is
 one statement and so one transaction, which the ``ack`` waits for: ``synckit_save`` (migration
-003) writes the fields, the text and the delta log of any number of documents, in time linear in
-the writes (``synckit_save_writes``, migration 004).  Text is merged
+003) writes the fields, the text and the delta log of any number of documents.  A field write
+touches only its own row of ``synckit_fields`` (``synckit_save_writes``, migration 005), so it
+costs the same in a document of ten fields or ten thousand; ``documents.state``, the copy in the
+reference's shape, is brought up to date in the background (L{PostgresStorage.sync_state}, every
+``state-sync-interval``), once per document however many writes it had.  Text is merged
 here and stored compare-and-set: the merge starts from the text the server last had confirmed,
 and if another instance stored text since, the save is refused whole, the stored text read and
 the merge done again, so that instances saving text at once all keep their edits.
@@ -49,16 +52,23 @@ from synckit.sync.document import MAX_CLOCK_ENTRIES, Stamp, Text
 from synckit.sync.fugue import FugueText, TextStateError
 
 #: The state as JSON text, parsed here (L{read_json}), not by psycopg2; the clock's most recently
-#: raised entries, up to the bound every loaded clock keeps.
+#: raised entries, up to the bound every loaded clock keeps; and the field rows (migration 005):
+#: every row's stamp, and the value of those not yet folded into the state (C{pending}).
 _LOAD = (
     "SELECT d.state::text, (SELECT json_object_agg(client_id, clock_value) FROM"
     " (SELECT client_id, clock_value FROM vector_clocks WHERE document_id = d.id"
-    " ORDER BY updated_at DESC, client_id LIMIT %s) c) FROM documents d WHERE d.id = %s"
+    " ORDER BY updated_at DESC, client_id LIMIT %s) c),"
+    " (SELECT json_agg(json_build_array(f.field, f.ts, f.counter, f.writer, f.pending, f.value IS NULL,"
+    " CASE WHEN f.pending THEN f.value END)) FROM synckit_fields f WHERE f.document_id = d.id)::text"
+    " FROM documents d WHERE d.id = %s"
 )
-_CLEANUP = "SELECT deltas, documents FROM synckit_cleanup(to_timestamp(%s), %s, %s)"
+_CLEANUP = "SELECT deltas, documents, tombstones FROM synckit_cleanup(to_timestamp(%s), %s, %s)"
 
-#: rows (delta log) and documents (tombstones) one cleanup transaction handles at most
+#: rows (delta log, and tombstones) one cleanup transaction handles at most
 CLEANUP_BATCH = 1000
+_SYNC_STATE = "SELECT synckit_sync_state(%s)"
+#: documents whose state one transaction of L{PostgresStorage.sync_state} brings up to date at most
+SYNC_BATCH = 100
 _LOAD_TEXT = "SELECT state->>'crdt', state->'clock' FROM documents WHERE id = %s"
 
 #: how many times a text save is merged again after other instances' saves got in first
@@ -197,6 +207,7 @@ class PostgresStorage:
         self._pool = _Pool(reactor, self._connection, url, pool_size, connect_timeout=max(1, int(timeout)))
         #: how many times a pooled connection came back after PostgreSQL went away
         self.reconnects = 0
+        self._started = False
 
     def _connection(self) -> txpostgres.Connection:
         detector = _Detector(self._reactor, self._died)
@@ -235,6 +246,7 @@ class PostgresStorage:
         except Exception:
             self._pool.close()
             raise
+        self._started = True
 
     def start(self) -> Deferred:
         return Deferred.fromCoroutine(self._start())
@@ -248,6 +260,7 @@ class PostgresStorage:
             connection.close()
 
     async def _stop(self) -> None:
+        await self._last_sync()
         for connection in self._connections:
             connection.detector.stop()
         for connection in self._connections:
@@ -263,6 +276,22 @@ class PostgresStorage:
 
     def stop(self) -> Deferred:
         return Deferred.fromCoroutine(self._stop())
+
+    async def _last_sync(self) -> None:
+        """
+        Bring C{documents.state} up to date before closing, so that a database this instance
+        leaves (say, to the reference server) holds every write in the reference's shape.  If
+        PostgreSQL cannot do it now, whichever instance runs next does.
+        """
+        if not self._started:
+            return  # nothing was written through us
+        try:
+            synced = await self._sync_state()
+        except (StorageUnavailable, StorageRefused) as e:
+            self._log.warn("documents.state left behind at shutdown: {error}", error=e)
+            return
+        if synced:
+            self._log.info("brought documents.state of {documents} documents up to date", documents=synced)
 
     # Calls
 
@@ -324,8 +353,8 @@ class PostgresStorage:
         rows = await self._call("load", lambda: self._pool.runQuery(_LOAD, (MAX_CLOCK_ENTRIES, doc_id)))
         if not rows:
             return None
-        state, clock = rows[0]
-        return stored_document(doc_id, read_json(state), clock)
+        state, clock, fields = rows[0]
+        return stored_document(doc_id, read_json(state), clock, read_json(fields))
 
     def load(self, doc_id: str) -> "Deferred[Optional[StoredDocument]]":
         return Deferred.fromCoroutine(self._load(doc_id))
@@ -338,7 +367,9 @@ class PostgresStorage:
         bases = {doc.doc_id: _Base.of(doc.text_base) for doc in writes if doc.text is not None}
         for _ in range(TEXT_ATTEMPTS):
             merged = {doc.doc_id: bases[doc.doc_id].merged(doc.text) for doc in writes if doc.text is not None}
-            records = [_record(doc, bases.get(doc.doc_id), merged.get(doc.doc_id)) for doc in writes]
+            # Documents in id order: concurrent saves lock their rows in one order, and so never deadlock.
+            ordered = sorted(writes, key=lambda doc: doc.doc_id)
+            records = [_record(doc, bases.get(doc.doc_id), merged.get(doc.doc_id)) for doc in ordered]
             try:
                 await self._call("save", lambda: self._pool.runOperation("SELECT synckit_save(%s)", (_json(records),)))
                 return merged
@@ -361,14 +392,31 @@ class PostgresStorage:
         return Deferred.fromCoroutine(self._cleanup(deltas_before, tombstones_before))
 
     async def _cleanup(self, deltas_before: float, tombstones_before: float) -> Cleaned:
-        """Batches of L{CLEANUP_BATCH}, each its own transaction, until one comes back short."""
+        """
+        Batches of L{CLEANUP_BATCH}, each its own transaction, until one comes back short.  The
+        state is brought up to date first: a tombstone still pending has yet to remove its field
+        from C{documents.state}, and is only collected once it has.
+        """
+        await self._sync_state()
         total = Cleaned(0, 0)
         arguments = (deltas_before, int(tombstones_before * 1000), CLEANUP_BATCH)
         while True:
             rows = await self._call("cleanup", lambda: self._pool.runQuery(_CLEANUP, arguments))
-            batch = Cleaned(*rows[0])
-            total = Cleaned(total.deltas + batch.deltas, total.documents + batch.documents)
-            if max(batch) < CLEANUP_BATCH:
+            deltas, documents, tombstones = rows[0]
+            total = Cleaned(total.deltas + deltas, total.documents + documents)
+            if max(deltas, tombstones) < CLEANUP_BATCH:
+                return total
+
+    def sync_state(self) -> "Deferred[int]":
+        return Deferred.fromCoroutine(self._sync_state())
+
+    async def _sync_state(self) -> int:
+        """Batches of L{SYNC_BATCH} documents, each its own transaction, until one comes back short."""
+        total = 0
+        while True:
+            rows = await self._call("sync_state", lambda: self._pool.runQuery(_SYNC_STATE, (SYNC_BATCH,)))
+            total += rows[0][0]
+            if rows[0][0] < SYNC_BATCH:
                 return total
 
     def clear(self) -> Deferred:
@@ -468,15 +516,18 @@ def _text_clock(value: Any) -> int:
         return 0
 
 
-def stored_document(doc_id: str, state: Any, clock: Any) -> StoredDocument:
+def stored_document(doc_id: str, state: Any, clock: Any, rows: Any = None) -> StoredDocument:
     """
-    Read a ``documents.state`` written by us or by the reference: ``{"id", "fields"}`` for field
-    documents, ``{"type": "text", "crdt", "clock"}`` for text, both in one object when both were
-    written through us, and our ``stamps`` (absent in the reference's rows).  Text that cannot
-    be read is left out, and logged; it stays stored, and saves refuse to write over it.
+    Read a document written by us or by the reference.  C{state} (``documents.state``) is
+    ``{"id", "fields"}`` for field documents and ``{"type": "text", "crdt", "clock"}`` for text,
+    both in one object when both were written through us; C{rows} are our field rows (migration
+    005), as L{_LOAD} gives them: their stamps, and the values of those written since the state
+    was last brought up to date, which go over it.  Text that cannot be read is left out, and
+    logged; it stays stored, and saves refuse to write over it.
     """
     state = state if isinstance(state, dict) else {}
     fields = state.get("fields")
+    fields = dict(fields) if isinstance(fields, dict) else {}
     text = None
     if state.get("type") == "text" and state.get("crdt"):
         try:
@@ -484,8 +535,11 @@ def stored_document(doc_id: str, state: Any, clock: Any) -> StoredDocument:
         except TextStateError as e:
             PostgresStorage._log.error("the stored text of {doc} cannot be read: {error}", doc=doc_id, error=e)
     stamps: dict[str, Stamp] = {}
-    for name, stamp in (state.get("stamps") or {}).items():
-        if isinstance(stamp, list) and len(stamp) == 3:
-            stamps[name] = (stamp[0], stamp[1], stamp[2])
+    for name, ts, counter, writer, pending, deleted, value in rows or ():
+        stamps[name] = (ts, counter, writer)
+        if pending and deleted:
+            fields.pop(name, None)
+        elif pending:
+            fields[name] = value
     counters = {str(k): int(v) for k, v in (clock or {}).items()}
-    return StoredDocument(dict(fields) if isinstance(fields, dict) else {}, counters, text, stamps)
+    return StoredDocument(fields, counters, text, stamps)

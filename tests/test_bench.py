@@ -5,8 +5,10 @@ service on a real port (and of the command itself, in a subprocess).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import socket
 import sys
 import tempfile
 from dataclasses import replace
@@ -16,9 +18,11 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase
 
 from synckit.bench import report
-from synckit.bench.client import BenchError
+from synckit.bench.client import BenchError, Connector
 from synckit.bench.scenarios import Options, Pacer, Result, run
 from synckit.bench.stats import Replies, summary
+from synckit.pubsub.local import LocalBus, LocalPubSub
+from synckit.storage.memory import MemoryStorage
 from tests.services import free_port
 from tests.wsclient import ServiceCase
 
@@ -56,8 +60,6 @@ class StatsTests(SynchronousTestCase):
 
 class ReportTests(SynchronousTestCase):
     def report(self, name: str, throughput: int, p50: float) -> dict:
-        import datetime
-
         moment = datetime.datetime(2026, 11, 23, 4, 15, tzinfo=datetime.timezone.utc)
         result = Result(latencies_ms=[p50] * 10, sent=throughput, received=throughput, elapsed=1.0, connections=1)
         return report.build(
@@ -99,6 +101,34 @@ class ScenarioTests(ServiceCase):
         result = await self.check("roundtrip")
         self.assertEqual((result.sent, result.received), (20, 20))
 
+    async def test_roundtrip_on_a_filled_document(self) -> None:
+        """--fields fills the document first (several messages' worth), then each delta adds one field."""
+        service, port = await self.started()
+        options = Options("roundtrip", f"ws://127.0.0.1:{port}/ws", messages=5, fields=1200, duration=5.0, timeout=5.0)
+        result = await run(reactor, options)
+        self.assertEqual((result.errors, result.missing, result.received), ([], 0, 5))
+        stored = await service.storage.load("room:bench-rt")
+        self.assertEqual(len(stored.fields), 1205)
+
+    async def test_fanout_across_instances(self) -> None:
+        """With --peer-url, subscribers alternate between two instances, and each gets every delta."""
+        storage, bus = MemoryStorage(), LocalBus(reactor)
+        ports = []
+        for _ in range(2):
+            _, port = await self.started(storage=storage, pubsub=LocalPubSub(bus))
+            ports.append(port)
+        options = Options(
+            "fanout", f"ws://127.0.0.1:{ports[0]}/ws", peer_url=f"ws://127.0.0.1:{ports[1]}/ws",
+            subscribers=4, rate=50.0, duration=0.4, drain=1.0, timeout=2.0,
+        )  # fmt: skip
+        result = await run(reactor, options)
+        self.assertEqual(result.errors, [])
+        self.assertGreater(result.received, 0)
+        self.assertEqual(result.received, result.sent)
+        self.assertEqual(len(result.peer_latencies_ms), result.received // 2)
+        built = report.build(options, result, {"name": "synckit"}, *[datetime.datetime.now(datetime.timezone.utc)] * 2, [], 1)
+        self.assertEqual(built["latency_peer_ms"]["count"], result.received // 2)
+
     async def test_roundtrip_ping_in_json(self) -> None:
         await self.check("roundtrip", ping=True, text=True)
 
@@ -118,6 +148,16 @@ class ScenarioTests(ServiceCase):
 
     async def test_echo(self) -> None:
         await self.check("echo")
+
+    async def test_connections_do_not_wait_for_delayed_acks(self) -> None:
+        """
+        Bench connections set TCP_NODELAY (Autobahn's own attempt fails silently), so that a
+        small message is never held back until the server acknowledges the previous one.
+        """
+        _, port = await self.started()
+        client = await Connector(reactor, f"ws://127.0.0.1:{port}/ws").open()
+        self.addCleanup(client.dropConnection, abort=True)
+        self.assertTrue(client.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     async def test_unreachable(self) -> None:
         with self.assertRaises(BenchError) as caught:

@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain", type=float, default=5.0, help="seconds to wait for late replies (5)")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for each reply while connecting (15)")
     p.add_argument("--value-bytes", type=int, default=32, help="size of each delta's value (32)")
+    p.add_argument("--fields", type=int, help="roundtrip: fields written to the document before measuring (0)")
+    p.add_argument("--peer-url", help="fanout: a second instance's URL; subscribers alternate between the two")
     p.add_argument("--text", action="store_true", help="JSON text frames instead of binary")
     p.add_argument("--ping", action="store_true", help="roundtrip: ping -> pong instead of delta -> ack")
     p.add_argument("--doc-prefix", default="room:bench", help="document ids start with this (room:bench)")
@@ -109,6 +111,7 @@ async def run_workers(reactor: Any, argv: list[str], processes: int) -> Result:
     merged = Result()
     for part in await gatherResults(runs, consumeErrors=True):
         merged.latencies_ms += part["latencies_ms"]
+        merged.peer_latencies_ms += part["peer_latencies_ms"]
         for key in ("sent", "received", "missing", "out_of_order", "connections"):
             setattr(merged, key, getattr(merged, key) + part[key])
         merged.errors += part["errors"]

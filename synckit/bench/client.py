@@ -35,6 +35,13 @@ class BenchClient(WebSocketClientProtocol):
         self.undecodable = 0
         self._waiting: list[tuple[Callable[[dict[str, Any]], bool], Deferred]] = []
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Autobahn's own attempt fails silently: it reads its tcpNoDelay option before copying
+        # the factory's options onto the protocol.  Without it a small message sent while the
+        # previous one is unacknowledged waits for the peer's delayed ACK (40 ms on Linux).
+        self.transport.setTcpNoDelay(True)
+
     def onOpen(self) -> None:
         self.opened.callback(self)
 

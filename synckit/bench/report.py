@@ -30,7 +30,7 @@ def build(
     elapsed = result.elapsed or 1e-9
     missing = max(0, result.sent - result.received) if options.scenario == "fanout" else result.missing
     config = {k: v for k, v in vars(options).items() if k not in ("worker", "workers", "token")}
-    return {
+    built = {
         "metadata": {
             "tool": "synckit-bench",
             "server": server,
@@ -56,6 +56,9 @@ def build(
         },
         "resources": resources,
     }
+    if options.peer_url:
+        built["latency_peer_ms"] = summary(result.peer_latencies_ms)
+    return built
 
 
 def file_name(report: dict[str, Any]) -> str:

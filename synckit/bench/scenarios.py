@@ -44,6 +44,10 @@ class Options:
     ping: bool = False
     doc_prefix: str = "room:bench"
     token: Optional[str] = None
+    #: roundtrip: fields written to the document before measuring (it then grows from there)
+    fields: int = 0
+    #: fanout: a second instance of the server; subscribers alternate between it and C{url}
+    peer_url: Optional[str] = None
     #: this worker's share, when several processes run one scenario
     worker: int = 0
     workers: int = 1
@@ -52,6 +56,8 @@ class Options:
 @dataclass
 class Result:
     latencies_ms: list[float] = field(default_factory=list)
+    #: fanout with a peer: the latencies of the deliveries to the peer's subscribers (also in C{latencies_ms})
+    peer_latencies_ms: list[float] = field(default_factory=list)
     sent: int = 0
     received: int = 0
     missing: int = 0
@@ -203,9 +209,29 @@ async def _close(clients: list[BenchClient]) -> None:
     await DeferredList([c.closed for c in clients])
 
 
+#: fields per message while pre-filling a document (within both servers' per-message limits)
+FILL_CHUNK = 500
+
+
+async def fill(reactor: Any, client: BenchClient, name: str, doc_id: str, options: Options) -> None:
+    """Write C{options.fields} fields ``p<i>`` to C{doc_id}, a message of L{FILL_CHUNK} at a time, each acknowledged."""
+    for start in range(0, options.fields, FILL_CHUNK):
+        message_id = f"{name}-fill-{start}"
+        delta = {f"p{i}": value(options) for i in range(start, min(start + FILL_CHUNK, options.fields))}
+        await client.request(
+            "delta", {"id": message_id, "documentId": doc_id, "delta": delta, "vectorClock": {}, "clientId": name},
+            lambda m: m.get("type") == "ack" and m.get("messageId") == message_id, options.timeout * 4, reactor,
+        )  # fmt: skip
+
+
 async def roundtrip(reactor: Any, connector: Connector, options: Options) -> Result:
-    """One client, one message at a time: delta -> ack (or ping -> pong with --ping)."""
+    """
+    One client, one message at a time: delta -> ack (or ping -> pong with --ping), each delta a
+    new field of one document, which C{--fields} fills first: the round trip on a large document.
+    """
     [client] = await _sessions(connector, ["rt-0"], lambda _: f"{options.doc_prefix}-rt")
+    if options.fields and not options.ping:
+        await fill(reactor, client, "rt-0", f"{options.doc_prefix}-rt", options)
     writer = Writer(client, "rt-0", f"{options.doc_prefix}-rt", replace(options, window=1, rate=0))
     started = time.monotonic()
     await writer.run(reactor, started + options.duration, count=options.messages)
@@ -268,7 +294,9 @@ async def throughput(reactor: Any, connector: Connector, options: Options) -> Re
 async def fanout(reactor: Any, connector: Connector, options: Options) -> Result:
     """
     One writer and C{subscribers} subscribers on one document: the time from the writer's send
-    to each subscriber's receipt; C{received} counts deliveries.  Worker 0 runs the writer.
+    to each subscriber's receipt; C{received} counts deliveries.  Worker 0 runs the writer, on
+    C{url}; with a C{peer_url} every other subscriber is on that instance, so that half the
+    deliveries cross between instances (through Redis, or whatever the servers share).
     """
     doc_id = f"{options.doc_prefix}-fanout"
     result = Result()
@@ -282,13 +310,20 @@ async def fanout(reactor: Any, connector: Connector, options: Options) -> Result
             if at is None or (i, message["field"]) in seen:
                 return
             seen.add((i, message["field"]))
-            result.latencies_ms.append((time.monotonic() - at) * 1000)
+            latency = (time.monotonic() - at) * 1000
+            result.latencies_ms.append(latency)
+            if options.peer_url and i % 2:
+                result.peer_latencies_ms.append(latency)
             result.received += 1
 
         client.on_message = received
 
     mine = list(share(options.subscribers, options))
-    subscribers = await _sessions(connector, [f"sub-{i}" for i in mine], lambda _: doc_id)
+    connectors = [connector]
+    if options.peer_url:
+        peer = Connector(connector.reactor, options.peer_url, options.text, token=options.token, timeout=options.timeout)
+        connectors.append(peer)
+    subscribers = await _gather([connectors[i % len(connectors)].session(f"sub-{i}", doc_id) for i in mine])
     for client, i in zip(subscribers, mine):
         deliveries(client, i)
     clients = list(subscribers)

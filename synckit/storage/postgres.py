@@ -50,6 +50,7 @@ from synckit.storage.interface import (
 )
 from synckit.sync.document import MAX_CLOCK_ENTRIES, Stamp, Text
 from synckit.sync.fugue import FugueText, TextStateError
+from synckit.timeouts import cancel, within
 
 #: The state as JSON text, parsed here (L{read_json}), not by psycopg2; the clock's most recently
 #: raised entries, up to the bound every loaded clock keeps; and the field rows (migration 005):
@@ -174,10 +175,7 @@ class _Detector(reconnection.DeadConnectionDetector):
         """End reconnecting, now and for good: the storage is closing its connections."""
         self._stopped = True
         if self._retrying is not None:
-            try:
-                self._retrying.cancel()
-            except (psycopg2.OperationalError, txpostgres._CancelInProgress):
-                pass  # txpostgres will not cancel an attempt under way; closing the connection ends it
+            cancel(self._retrying)  # an attempt under way is ended by closing its connection
 
 
 @implementer(IStorage)
@@ -297,31 +295,16 @@ class PostgresStorage:
 
     def _within(self, d: Deferred, what: str) -> Deferred:
         """
-        C{d}'s result, or L{StorageTimeout} after the timeout.  The query itself is not
-        cancelled (txpostgres would have to cancel it on the server): the timeout's C{settled}
-        fires when it ends, and its late result is dropped.
+        C{d}'s result, or L{StorageTimeout} after the timeout (L{synckit.timeouts.within}); the
+        timeout's C{settled} fires when the call really ends, and its late result is dropped.
+        The query is not cancelled on the server: libpq's cancel request opens a new connection
+        and blocks the reactor while it does, which a network partition would stretch to minutes.
         """
-        result: Deferred = Deferred()
-        settled: Deferred = Deferred()
 
-        def late() -> None:
-            message = f"PostgreSQL did not answer {what} within {self._timeout:g} s"
-            result.errback(StorageTimeout(message, settled))
+        def late(settled: Deferred) -> StorageTimeout:
+            return StorageTimeout(f"PostgreSQL did not answer {what} within {self._timeout:g} s", settled)
 
-        timer = self._reactor.callLater(self._timeout, late)
-
-        def done(outcome: Any) -> None:
-            if not timer.active():
-                settled.callback(None)  # timed out already: the caller has its answer
-                return
-            timer.cancel()
-            if isinstance(outcome, Failure):
-                result.errback(outcome)
-            else:
-                result.callback(outcome)
-
-        d.addBoth(done)
-        return result
+        return within(d, self._timeout, self._reactor, late, cancelling=False)
 
     async def _call(self, what: str, run: Callable[[], Deferred]) -> Any:
         """

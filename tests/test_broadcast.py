@@ -1,7 +1,7 @@
 """
-Broadcast batching (PROTOCOL.md sections 4.7 and 6.6), driven through the server on a Clock.  Our
+Broadcast batching (docs/protocol.md, section 5), driven through the server on a Clock.  Our
 deviation from the reference: a batch flushes at the end of the reactor turn (C{callLater(0)})
-rather than 50 ms later, and each field goes out with its value at flush time.  R-8: a
+rather than 50 ms later, and each field goes out with its value at flush time.  A
 disconnect does not drop pending broadcasts.
 """
 
@@ -271,7 +271,7 @@ class DisconnectAndShutdownTests(BroadcastTestCase):
     def test_disconnect_keeps_pending_broadcasts(self) -> None:
         """
         When a subscriber disconnects before the flush, the pending broadcasts still reach the
-        remaining subscribers (R-8), including when the one who left was the writer.
+        remaining subscribers, including when the one who left was the writer.
         """
         h = self.harness()
         writer, _ = self.subscriber(h)

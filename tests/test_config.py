@@ -1,6 +1,5 @@
 """
-Settings from the command line, the environment, a config file and defaults (PROTOCOL.md
-section 1.4), and the twistd options that read them: precedence, parsing, and errors that name the
+Settings from the command line, the environment, a config file and defaults, and the twistd options that read them: precedence, parsing, and errors that name the
 bad setting before the reactor starts.
 """
 

@@ -234,7 +234,7 @@ class AuthTests(HandlerTestCase):
     def test_token_without_permissions(self) -> None:
         """
         A valid token without a permissions claim authenticates (auth_success has no
-        permissions), and its writes and reads get "Permission denied" (R-7).
+        permissions), and its writes and reads get "Permission denied".
         """
         h = self.harness(auth_required=True)
         session, client = h.connect()
@@ -297,7 +297,7 @@ class ReadTests(HandlerTestCase):
     def test_sync_request_response(self) -> None:
         """
         sync_request answers sync_response {requestId, documentId, state, deltas: [], clock}
-        (clock included, R-2), with the document's current fields.
+        (clock included), with the document's current fields.
         """
         h = self.harness()
         writer, writer_client = h.connect()
@@ -350,7 +350,7 @@ class ReadTests(HandlerTestCase):
         self.assertEqual(vector(h.server.engine.registry.peek("d").clock), {writer.id: 1})
 
     def test_sync_request_validates_document_id(self) -> None:
-        """sync_request checks the document id like subscribe does (R-10), before permissions."""
+        """sync_request checks the document id like subscribe does, before permissions."""
         h = self.harness()
         session, client = h.connect()
         h.send(session, "sync_request", {"id": "r", "documentId": "bad id"})
@@ -430,7 +430,7 @@ class SubscribeTests(HandlerTestCase):
         """
         An id ending in a newline is refused, as the reference's JavaScript regex refuses it
         (there ``$`` matches only at the very end; Python's ``$`` also matches before a final
-        newline), for subscribe and for every other message (R-10).
+        newline), for subscribe and for every other message.
         """
         h = self.harness()
         session, client = h.connect()
@@ -624,7 +624,7 @@ class DeltaTests(HandlerTestCase):
         self.assertEqual(vector(response["clock"]), {"sdk": 4, session.id: 1})
 
     def test_missing_vector_clock(self) -> None:
-        """A delta with neither vectorClock nor clock is applied and acked (R-3)."""
+        """A delta with neither vectorClock nor clock is applied and acked."""
         h = self.harness()
         session, client = h.connect()
         h.send(session, "delta", {"id": "m", "documentId": "d", "delta": {"a": 1}})
@@ -649,7 +649,7 @@ class DeltaTests(HandlerTestCase):
         self.assertEqual(session.subscriptions, {"d"})
 
     def test_delta_validates_document_id(self) -> None:
-        """A delta to a badly formed document id is refused (R-10) and nothing is stored."""
+        """A delta to a badly formed document id is refused and nothing is stored."""
         h = self.harness()
         session, client = h.connect()
         h.send(session, "delta", delta("a b", {"a": 1}))
@@ -688,7 +688,7 @@ class DeltaBatchTests(HandlerTestCase):
         self.assertEqual([(m["field"], m["value"]) for m in reader_client.take()], [("a", 1), ("b", "x")])
 
     def test_delete_op_is_tombstone(self) -> None:
-        """An op of type delete removes the field, as a tombstone would (R-4)."""
+        """An op of type delete removes the field, as a tombstone would."""
         h = self.harness()
         session, client = h.connect()
         h.send(session, "delta", delta("d", {"a": 1, "b": 2}))

@@ -100,7 +100,7 @@ class MigrationTests(TestCase):
 
 
 class ReferenceRowsTests(TestCase):
-    """Rows as the reference server writes and reads them (PROTOCOL.md section 7.2)."""
+    """Rows as the reference server writes and reads them."""
 
     async def start_storage(self) -> PostgresStorage:
         self.server = shared_postgres()

@@ -1,4 +1,4 @@
--- The reference server's schema (PROTOCOL.md section 7.2), so that a database written by either
+-- The reference server's schema, so that a database written by either
 -- server is readable by the other.  Every statement is idempotent: on a database the reference
 -- already created, this changes nothing.  Ids default to gen_random_uuid() (built in since
 -- PostgreSQL 13) rather than uuid-ossp's uuid_generate_v4(), which needs CREATE EXTENSION.

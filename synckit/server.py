@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from synckit.auth import ADMIN, ADMIN_CLAIM, EVERYONE, EVERYONE_CLAIM, Identity, Tokens
+from synckit.chunks import ChunkMemory
 from synckit.config import Config
 from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
@@ -53,6 +54,7 @@ class SyncServer:
         )
         self.tokens = Tokens.from_config(config, clock)
         self.connections = ConnectionLimiter(config.max_connections_per_ip, config.max_connections)
+        self.chunk_memory = ChunkMemory(config.max_chunk_memory)
         self.sessions: set[Session] = set()
         self.started = clock.seconds()
         self._session_numbers = itertools.count(1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from time import perf_counter
 from typing import Any, Callable, Coroutine, Mapping, NamedTuple, Optional, Protocol
-from weakref import WeakKeyDictionary
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -75,6 +74,8 @@ class Host(Protocol):
     tokens: Tokens
     engine: SyncEngine
     handlers: Mapping[str, Handler]
+    #: the bound on unfinished chunk sets, shared by all the server's sessions
+    chunk_memory: ChunkMemory
 
     def now_ms(self) -> int: ...
 
@@ -90,10 +91,6 @@ class Reject(Exception):
         super().__init__(error)
         self.error = error
         self.details = details
-
-
-#: each server's chunk memory, shared by all its sessions (L{ChunkMemory})
-_chunk_memory: "WeakKeyDictionary[Host, ChunkMemory]" = WeakKeyDictionary()
 
 
 class Session:
@@ -321,10 +318,7 @@ class Session:
 
     def _add_chunk(self, message: wire.Message) -> Optional[Deferred]:
         if self.chunks is None:
-            memory = _chunk_memory.get(self.server)
-            if memory is None:
-                memory = _chunk_memory[self.server] = ChunkMemory(self.server.config.max_chunk_memory)
-            self.chunks = ChunkAssembler(memory=memory)
+            self.chunks = ChunkAssembler(memory=self.server.chunk_memory)
         try:
             whole = self.chunks.add(message, self.server.clock.seconds())
         except ChunkError as e:

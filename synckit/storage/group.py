@@ -51,21 +51,20 @@ class GroupCommit:
             return self._storage.save(writes).addBoth(self._alone_done)
         d: Deferred = Deferred()
         self._queue.append(_Waiter(writes, d))
-        if self._in_flight < self._concurrency:
-            self._next()
+        self._next()
         return d
 
     def _alone_done(self, result: Any) -> Any:
         self._in_flight -= 1
-        if self._queue and self._in_flight < self._concurrency:
-            self._next()
+        self._next()
         return result
 
     def _next(self) -> None:
-        size = 1 if self._queue and self._queue[0].alone else self._group_size
-        group, self._queue = self._queue[:size], self._queue[size:]
-        if not group:
+        """Send the next group, if any waits and a save may start."""
+        if not self._queue or self._in_flight >= self._concurrency:
             return
+        size = 1 if self._queue[0].alone else self._group_size
+        group, self._queue = self._queue[:size], self._queue[size:]
         self._in_flight += 1
         saving = self._storage.save(combined([w.writes for w in group]))
         saving.addBoth(self._done, group)
@@ -81,8 +80,7 @@ class GroupCommit:
                     d.errback(result)
                 else:
                     d.callback({doc.doc_id: result[doc.doc_id] for doc in writes if doc.doc_id in result})
-        if self._queue and self._in_flight < self._concurrency:
-            self._next()
+        self._next()
 
 
 def combined(groups: list[Sequence[DocumentWrites]]) -> list[DocumentWrites]:
@@ -93,19 +91,26 @@ def combined(groups: list[Sequence[DocumentWrites]]) -> list[DocumentWrites]:
     if len(groups) == 1:
         return list(groups[0])
     by_doc: dict[str, DocumentWrites] = {}
+    copied: set[str] = set()  # documents whose combined text is a copy of our own
     for writes in groups:
         for doc in writes:
             known = by_doc.get(doc.doc_id)
-            by_doc[doc.doc_id] = doc if known is None else _merged(known, doc)
+            if known is None:
+                by_doc[doc.doc_id] = doc
+                continue
+            if known.text is not None and doc.text is not None and doc.doc_id not in copied:
+                known = known._replace(text=Text(known.text.state.copy(), known.text.clock))
+                copied.add(doc.doc_id)
+            by_doc[doc.doc_id] = _merged(known, doc)
     return list(by_doc.values())
 
 
 def _merged(a: DocumentWrites, b: DocumentWrites) -> DocumentWrites:
+    """C{b} after C{a}; C{a}'s text, if both have one, is merged into (the caller made it a copy)."""
     text: Optional[Text] = a.text or b.text
     if a.text is not None and b.text is not None:
-        state = a.text.state.copy()
-        state.merge(b.text.state)
-        text = Text(state, max(a.text.clock, b.text.clock))
+        a.text.state.merge(b.text.state)
+        text = Text(a.text.state, max(a.text.clock, b.text.clock))
     return DocumentWrites(
         a.doc_id, [*a.fields, *b.fields], text, [*a.ops, *b.ops], b.text_base if b.text is not None else a.text_base
     )

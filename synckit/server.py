@@ -18,6 +18,7 @@ from synckit.config import Config
 from synckit.handlers import HANDLERS
 from synckit.limits import ConnectionLimiter
 from synckit.metrics import Metrics, State
+from synckit.output import OutputBatch
 from synckit.pubsub.interface import IPubSub
 from synckit.session import Client, Session
 from synckit.storage.interface import IStorage
@@ -41,6 +42,8 @@ class SyncServer:
         self.pubsub = pubsub
         self.ids = MessageIds()
         self.tasks = BackgroundTasks()
+        #: batches what is sent to connections (L{synckit.output})
+        self.output = OutputBatch()
         self.engine = SyncEngine(
             clock,
             storage,
@@ -51,6 +54,7 @@ class SyncServer:
             config.document_cache_size,
             config.awareness_timeout,
             config.database_pool_size,
+            self.output,
         )
         self.tokens = Tokens.from_config(config, clock)
         self.connections = ConnectionLimiter(config.max_connections_per_ip, config.max_connections)

@@ -3,7 +3,8 @@ The WebSocket adapter: Autobahn on one side, a L{synckit.session.Session} on the
 
 It holds no sync logic.  It works out the client's address at the handshake, opens a session,
 hands it every message, and sends the frames the session gives it, each framed once and cached on
-the frame: a broadcast to a thousand subscribers is framed once.  The session module says how a
+the frame: a broadcast to a thousand subscribers is framed once.  What one read makes it send
+leaves together at the end of that read (L{synckit.output}).  The session module says how a
 message is handled.
 
 It also bounds what a connection can cost when its client misbehaves (docs/security.md): bytes
@@ -12,8 +13,9 @@ from pongs only.  And it leaves nothing of a closed connection in a reference cy
 comes back when it closes rather than at the next full garbage collection.
 
 Several of these go past Autobahn's interface, each for a reason given where it is done: the
-module-wide masker, the C{pformat} swap, C{onMessageEnd}, C{send_queue}, C{sendCloseFrame},
-C{closeHandshakeTimeoutCall}.  tests/test_dependencies.py checks each against the installed
+module-wide masker, the C{pformat} swap, C{onMessageEnd}, C{sendData} and C{send_queue},
+C{sendCloseFrame}, C{closeHandshakeTimeoutCall}; and, past Twisted's, writing straight to the
+socket (L{synckit.output}).  tests/test_dependencies.py checks each against the installed
 Autobahn, and setup.py caps Autobahn below the next release line.
 """
 
@@ -27,12 +29,14 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from synckit.config import Config
 from synckit.limits import UNIX_PEER, forwarded_client
+from synckit.output import plain_socket, write_now
 from synckit.server import SyncServer
 from synckit.session import Session
 from synckit.wire import Frame
@@ -144,6 +148,10 @@ class SyncProtocol(WebSocketServerProtocol):
     _paused = False
     _unsent = 0
     _auth_deadline: Optional[IDelayedCall] = None
+    #: frames held until the current output batch ends (L{synckit.output})
+    _held: Optional[list[bytes]] = None
+    #: the socket transport frames may go straight to (L{synckit.output.plain_socket})
+    _socket: Optional[tcp.Connection] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -170,6 +178,25 @@ class SyncProtocol(WebSocketServerProtocol):
             self.transport.setTcpNoDelay(self.tcpNoDelay)
         except (AttributeError, OSError):
             pass  # not TCP: a unix socket
+        self._socket = plain_socket(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        # What the messages of one read make the server send leaves when they are all handled:
+        # each connection's frames together, in one system call.
+        with self.factory.sync_server.output:
+            super().dataReceived(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
+        # Autobahn's own writes (handshake, pong, close) go after the frames we hold, which were
+        # sent before them, and straight to the socket too when Autobahn has nothing queued.
+        # (Autobahn's send also counts bytes for its traffic statistics, which synckit does not
+        # turn on, and formats a debug line.)
+        if self._held is not None:
+            self.release()
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+        else:
+            self._write(data)
 
     def onConnect(self, request: Any) -> None:
         self._ip = client_ip(request.headers, request.peer, self.factory.sync_server.config.trusted_proxies)
@@ -245,10 +272,30 @@ class SyncProtocol(WebSocketServerProtocol):
                 return
         if self.send_queue:
             self.sendData(framed)  # keep Autobahn's order behind anything it queued itself
+            return
+        # What sendPreparedMessage -> sendData would do, less a debug line Autobahn formats on
+        # every send whether or not debug logging is on (about 5% of a busy server's CPU).
+        output = self.factory.sync_server.output
+        if output.active:
+            if self._held is None:
+                self._held = [framed]
+                output.hold(self)
+            else:
+                self._held.append(framed)
         else:
-            # What sendPreparedMessage -> sendData would do, less a debug line Autobahn formats
-            # on every send whether or not debug logging is on (about 5% of a busy server's CPU).
-            self.transport.write(framed)
+            self._write(framed)
+
+    def release(self) -> None:
+        """Send the frames held during an output batch, together."""
+        held, self._held = self._held, None
+        if held and self.state != WebSocketProtocol.STATE_CLOSED:  # not dropped meanwhile
+            self._write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _write(self, data: bytes) -> None:
+        if self._socket is not None:
+            write_now(self._socket, data)
+        else:
+            self.transport.write(data)
 
     def close(self, code: int, reason: str) -> None:
         # sendClose() refuses the protocol's own codes (1001, 1008); the frame method does not.

@@ -14,7 +14,7 @@ import collections
 import pprint
 from importlib.metadata import version
 from inspect import isfunction, signature
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import psycopg2.extensions
 import txaio
@@ -29,8 +29,8 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.policies import ProtocolWrapper
@@ -40,6 +40,7 @@ from txpostgres import reconnection, retrying, txpostgres
 
 from synckit import websocket
 from synckit.limits import UNIX_PEER
+from synckit.output import plain_socket
 from synckit.tasks import run_now
 from synckit.timeouts import within
 from synckit.wire import Frame
@@ -395,6 +396,66 @@ def _fired(value: Any) -> Deferred:
     d: Deferred[Any] = Deferred()
     d.callback(value)
     return d
+
+
+class SocketTransportTests(TestCase):
+    """synckit/output.py: writing straight to a TCP transport's socket when its buffer is empty."""
+
+    async def test_buffer_and_write_some_data(self) -> None:
+        """
+        L{write_now} reads a TCP transport's buffer as empty when C{_tempDataLen} is 0 and
+        C{offset} is at the end of C{dataBuffer}, which holds while C{write} has something
+        unsent and stops once the reactor has sent it; and calls C{writeSomeData}, which sends
+        at once and says how much it sent.
+        """
+        check = "Check synckit.output.write_now."
+        accepted: Deferred = Deferred()
+        factory = Factory()
+        factory.buildProtocol = lambda addr: _Accepted(accepted)  # type: ignore[method-assign]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = await endpoint.connect(Factory.forProtocol(_Receiver))
+        transport = await accepted
+        self.addCleanup(transport.abortConnection)
+        self.assertIs(plain_socket(transport), transport, changed("Twisted", "tcp.Server", check))
+
+        def idle() -> bool:
+            return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+
+        self.assertTrue(idle(), changed("Twisted", "an unused transport's buffer", check))
+        transport.write(b"abc")
+        self.assertFalse(idle(), changed("Twisted", "FileDescriptor.write's buffer", check))
+        self.assertEqual(await client.wait_for(3), b"abc")
+        self.assertTrue(idle(), changed("Twisted", "FileDescriptor.doWrite emptying the buffer", check))
+        self.assertEqual(transport.writeSomeData(b"def"), 3, changed("Twisted", "tcp.Connection.writeSomeData", check))
+        self.assertEqual(await client.wait_for(6), b"abcdef")
+
+
+class _Accepted(Protocol):
+    def __init__(self, accepted: Deferred) -> None:
+        self._accepted = accepted
+
+    def connectionMade(self) -> None:
+        self._accepted.callback(self.transport)
+
+
+class _Receiver(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self._waiting: Optional[tuple[int, Deferred]] = None
+
+    def wait_for(self, size: int) -> Deferred:
+        self._waiting = (size, Deferred())
+        d = self._waiting[1]
+        self.dataReceived(b"")
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self._waiting is not None and len(self.data) >= self._waiting[0]:
+            d, self._waiting = self._waiting[1], None
+            d.callback(self.data)
 
 
 class TxredisapiTests(TestCase):

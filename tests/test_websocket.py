@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 from typing import Any
 
 import txaio
@@ -21,7 +22,7 @@ from synckit import wire
 from synckit.config import load
 from synckit.websocket import SMALL_FRAME, SyncFactory, client_ip, create_masker, websocket_frame
 from tests.helpers import Harness, binary
-from tests.test_hostile import client_frame
+from tests.test_hostile import client_frame, server_frames
 
 
 class Recorder(WebSocketClientProtocol):
@@ -156,6 +157,31 @@ class AdapterTests(SynchronousTestCase):
         self.assertEqual(len(server.transport.stream), written)
         pump.flush()
         self.assertEqual(len(harness.server.sessions), 0)
+
+    def test_replies_to_one_read_leave_in_one_write(self) -> None:
+        """
+        The replies to the messages of one read are written together when the read is handled,
+        in order; a close frame Autobahn sends in the same read goes after them.
+        """
+        pump, client, server = self.connect(Harness(clock=self.clock))
+        writes: list[bytes] = []
+        self.patch(server.transport, "write", writes.append)
+        requests = b"".join(client_frame(binary(kind, {"id": "r"})) for kind in ("ping", "subscribe", "ping"))
+        server.dataReceived(requests + client_frame(struct.pack("!H", 1000), opcode=0x8))
+        [first, close] = writes
+        replies = [(op, wire.decode(payload, lambda: "")["type"]) for op, payload in server_frames(first)]
+        self.assertEqual(replies, [(0x2, "pong"), (0x2, "error"), (0x2, "pong")])
+        self.assertEqual([op for op, _ in server_frames(close)], [0x8])
+
+    def test_a_frame_sent_outside_a_read_is_written_at_once(self) -> None:
+        """Outside any batch (a timer, storage answering), a frame is written when it is sent."""
+        harness = Harness(clock=self.clock)
+        pump, client, server = self.connect(harness)
+        writes: list[bytes] = []
+        self.patch(server.transport, "write", writes.append)
+        [session] = harness.server.sessions
+        session.send(wire.Frame("pong", 1, {"id": "x"}))
+        self.assertEqual([op for op, _ in server_frames(b"".join(writes))], [0x2])
 
     def test_unauthenticated_connection_closed_after_auth_timeout(self) -> None:
         """

@@ -13,8 +13,9 @@ in the same order for all of them.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from time import perf_counter
-from typing import Iterable, Optional, Protocol
+from typing import Any, ContextManager, Iterable, Optional, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -64,8 +65,16 @@ def field_delta(doc: Document, field: str, ids: MessageIds, now: int) -> Frame:
 class Broadcaster:
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, registry: DocumentRegistry, ids: MessageIds, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        registry: DocumentRegistry,
+        ids: MessageIds,
+        metrics: Metrics,
+        output: ContextManager[Any] = nullcontext(),
+    ) -> None:
         self._clock = clock
+        self._output = output
         self._registry = registry
         self._ids = ids
         self._metrics = metrics
@@ -93,13 +102,14 @@ class Broadcaster:
         pending, self._pending = self._pending, {}
         since, self._since = self._since, {}
         now = int(self._clock.seconds() * 1000)
-        for doc_id, batch in pending.items():
-            try:
-                self._send(doc_id, batch, now)
-                self._metrics.broadcast_delay.observe(perf_counter() - since[doc_id])
-            except Exception:
-                # One document's failure must not cost the others their broadcasts.
-                self._log.failure("broadcasting {doc} failed", doc=doc_id)
+        with self._output:
+            for doc_id, batch in pending.items():
+                try:
+                    self._send(doc_id, batch, now)
+                    self._metrics.broadcast_delay.observe(perf_counter() - since[doc_id])
+                except Exception:
+                    # One document's failure must not cost the others their broadcasts.
+                    self._log.failure("broadcasting {doc} failed", doc=doc_id)
 
     def _send(self, doc_id: str, batch: dict[str, None], now: int) -> None:
         doc = self._registry.peek(doc_id)

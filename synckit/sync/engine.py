@@ -23,9 +23,10 @@ CRDTs): they are logged with the save, then relayed to every other subscriber an
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Any, Hashable, Iterable, Optional, Protocol, Sequence
+from typing import Any, ContextManager, Hashable, Iterable, Optional, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -112,10 +113,13 @@ class SyncEngine:
         cache_size: int = 1000,
         awareness_timeout: int = 30_000,
         save_concurrency: int = 1,
+        output: ContextManager[Any] = nullcontext(),
     ) -> None:
         """
         @param save_concurrency: saves in flight at once; the writes that arrive meanwhile are
             saved together (L{GroupCommit}).
+        @param output: entered around each broadcast flush, so that each subscriber's frames
+            leave together (L{synckit.output.OutputBatch}).
         """
         self.clock = clock
         self.storage = storage
@@ -126,7 +130,7 @@ class SyncEngine:
         self.tasks = tasks
         self.watches = Watches(pubsub)
         self.registry = DocumentRegistry(storage, self.watches, self._merge_stored, cache_size)
-        self.broadcaster = Broadcaster(clock, self.registry, ids, metrics)
+        self.broadcaster = Broadcaster(clock, self.registry, ids, metrics, output)
         self.awareness = Awareness(awareness_timeout)
 
     def now_ms(self) -> int:

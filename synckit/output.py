@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 from twisted.internet import tcp
+from twisted.protocols.policies import ProtocolWrapper
 
 from synckit.upgrade import Routed
 
@@ -69,6 +70,20 @@ def plain_socket(transport: Any) -> Optional[tcp.Connection]:
         transport = transport.transport
     if isinstance(transport, tcp.Connection) and not transport.TLS:
         return transport
+    return None
+
+
+def backlog(transport: Any) -> Optional[int]:
+    """
+    The bytes the socket under C{transport} holds unsent: through the port's L{Routed} wrapper
+    and TLS (which encrypts what it is given at once and hands it down, but for what is written
+    before its handshake ends), down to Twisted's socket transport.  C{None} when there is no
+    such socket (test transports).
+    """
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    if isinstance(transport, tcp.Connection):
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     return None
 
 

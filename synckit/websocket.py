@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from synckit.config import Config
 from synckit.limits import UNIX_PEER, forwarded_client
-from synckit.output import plain_socket, write_now
+from synckit.output import backlog, plain_socket, write_now
 from synckit.server import SyncServer
 from synckit.session import Session
 from synckit.wire import Frame
@@ -137,7 +137,8 @@ class SyncProtocol(WebSocketServerProtocol):
     """
     One WebSocket connection.  It is the push producer of its transport: the transport pauses it
     when its buffer is full and resumes it once that buffer is empty, and what is sent in between
-    is counted against C{max_send_queue}.
+    is counted against C{max_send_queue}: past it, the socket's real backlog decides whether the
+    client is dropped.
     """
 
     _log = Logger()  # Autobahn owns .log
@@ -267,9 +268,16 @@ class SyncProtocol(WebSocketServerProtocol):
             framed = frame.cache[binary] = websocket_frame(frame.encoded(binary), binary)
         if self._paused:
             self._unsent += len(framed)
-            if self._unsent > self.factory.sync_server.config.max_send_queue:
-                self._overflow()
-                return
+            limit = self.factory.sync_server.config.max_send_queue
+            if self._unsent > limit:
+                # Counted since the buffer filled, so some may have been read meanwhile: a
+                # client that reads, but not as fast as a busy document sends, keeps the buffer
+                # from ever emptying.  The socket's real backlog decides, where it can be read.
+                queued = backlog(self.transport)
+                if queued is None or queued + len(framed) > limit:
+                    self._overflow()
+                    return
+                self._unsent = queued + len(framed)
         if self.send_queue:
             self.sendData(framed)  # keep Autobahn's order behind anything it queued itself
             return
@@ -304,8 +312,8 @@ class SyncProtocol(WebSocketServerProtocol):
 
     def _overflow(self) -> None:
         """
-        The client has not read what was sent to it while C{max_send_queue} more bytes were
-        queued: drop the connection, discarding the queue at once.  A close frame would wait
+        Over C{max_send_queue} bytes wait for a client that does not read them: drop the
+        connection, discarding the queue at once.  A close frame would wait
         behind everything the client is not reading, and so would the memory.
         """
         session = self._session

@@ -40,7 +40,7 @@ from txpostgres import reconnection, retrying, txpostgres
 
 from synckit import websocket
 from synckit.limits import UNIX_PEER
-from synckit.output import plain_socket
+from synckit.output import backlog, plain_socket
 from synckit.tasks import run_now
 from synckit.timeouts import within
 from synckit.wire import Frame
@@ -399,14 +399,13 @@ def _fired(value: Any) -> Deferred:
 
 
 class SocketTransportTests(TestCase):
-    """synckit/output.py: writing straight to a TCP transport's socket when its buffer is empty."""
+    """synckit/output.py: a TCP transport's buffer, read and written past."""
 
     async def test_buffer_and_write_some_data(self) -> None:
         """
-        L{write_now} reads a TCP transport's buffer as empty when C{_tempDataLen} is 0 and
-        C{offset} is at the end of C{dataBuffer}, which holds while C{write} has something
-        unsent and stops once the reactor has sent it; and calls C{writeSomeData}, which sends
-        at once and says how much it sent.
+        L{write_now} and L{backlog} read a TCP transport's buffer: what C{write} has not sent is
+        C{_tempDataLen} plus C{dataBuffer} past C{offset}, none once the reactor has sent it;
+        and L{write_now} calls C{writeSomeData}, which sends at once and says how much it sent.
         """
         check = "Check synckit.output.write_now."
         accepted: Deferred = Deferred()
@@ -426,8 +425,10 @@ class SocketTransportTests(TestCase):
         self.assertTrue(idle(), changed("Twisted", "an unused transport's buffer", check))
         transport.write(b"abc")
         self.assertFalse(idle(), changed("Twisted", "FileDescriptor.write's buffer", check))
+        self.assertEqual(backlog(transport), 3, changed("Twisted", "FileDescriptor.write's buffer", check))
         self.assertEqual(await client.wait_for(3), b"abc")
         self.assertTrue(idle(), changed("Twisted", "FileDescriptor.doWrite emptying the buffer", check))
+        self.assertEqual(backlog(transport), 0, changed("Twisted", "FileDescriptor.doWrite", check))
         self.assertEqual(transport.writeSomeData(b"def"), 3, changed("Twisted", "tcp.Connection.writeSomeData", check))
         self.assertEqual(await client.wait_for(6), b"abcdef")
 

@@ -11,9 +11,10 @@ from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.trial.unittest import SynchronousTestCase
 
-from synckit.output import OutputBatch, plain_socket, write_now
+from synckit.output import OutputBatch, backlog, plain_socket, write_now
 from synckit.upgrade import Routed
 
 
@@ -122,3 +123,16 @@ class PlainSocketTests(SynchronousTestCase):
         sock.TLS = True  # TLS started on the socket: writeSomeData would bypass it
         self.assertIsNone(plain_socket(routed))
         self.assertIsNone(plain_socket(IPv4Address("TCP", "127.0.0.1", 0)))
+
+
+class BacklogTests(SynchronousTestCase):
+    def test_what_the_socket_holds_under_any_wrappers(self) -> None:
+        sock: Any = tcp.Server.__new__(tcp.Server)
+        sock.dataBuffer, sock.offset, sock._tempDataLen = b"abcdef", 2, 3
+        self.assertEqual(backlog(sock), 7)
+        tls = ProtocolWrapper.__new__(ProtocolWrapper)  # TLSMemoryBIOProtocol is one
+        tls.transport = sock
+        routed = Routed.__new__(Routed)
+        routed.transport = tls
+        self.assertEqual(backlog(routed), 7)
+        self.assertIsNone(backlog(StringTransport()))

@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from synckit import wire
+from synckit import websocket, wire
 from synckit.config import load
 from synckit.websocket import SMALL_FRAME, SyncFactory, client_ip, create_masker, websocket_frame
 from tests.helpers import Harness, binary
@@ -157,6 +157,25 @@ class AdapterTests(SynchronousTestCase):
         self.assertEqual(len(server.transport.stream), written)
         pump.flush()
         self.assertEqual(len(harness.server.sessions), 0)
+
+    def test_a_client_that_reads_is_not_dropped_however_much_is_sent(self) -> None:
+        """
+        Past max-send-queue bytes sent since the buffer filled, the socket's real backlog
+        decides: a client that keeps reading stays, however long the buffer never empties.
+        """
+        harness = Harness(clock=self.clock, max_send_queue=100_000)
+        pump, client, server = self.connect(harness)
+        [session] = harness.server.sessions
+        big = wire.Frame("awareness_state", 1, {"id": "x", "states": "y" * 60_000})
+        socket_holds = [1_000]
+        self.patch(websocket, "backlog", lambda transport: socket_holds[0])
+        server.pauseProducing()
+        for _ in range(5):
+            session.send(big)
+        self.assertFalse(server.transport.disconnecting)
+        socket_holds[0] = 50_000  # now it falls behind
+        session.send(big)
+        self.assertTrue(server.transport.disconnecting)
 
     def test_replies_to_one_read_leave_in_one_write(self) -> None:
         """

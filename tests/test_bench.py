@@ -17,12 +17,15 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase
 
+from synckit import wire
 from synckit.bench import report
 from synckit.bench.client import BenchError, Connector
-from synckit.bench.scenarios import Options, Pacer, Result, run
+from synckit.bench.scenarios import RELAY_PARSE_INTERVAL, Options, Pacer, Result, TextRelays, TextWriter, run, text_batch
 from synckit.bench.stats import Replies, summary
+from synckit.bench.textstate import insert, prefill, state_json
 from synckit.pubsub.local import LocalBus, LocalPubSub
 from synckit.storage.memory import MemoryStorage
+from synckit.sync.fugue import FugueText
 from tests.services import free_port
 from tests.wsclient import ServiceCase
 
@@ -58,6 +61,136 @@ class StatsTests(SynchronousTestCase):
         self.assertEqual((ramp.due(1.0), ramp.due(2.0), ramp.due(3.0)), (25, 100, 200))
 
 
+#: What SyncKit's core (its WebAssembly build) wrote for "hello world" typed by client "a", then
+#: "XY" typed at position 5: the insert is a block of its own, its origins the two characters
+#: either side.
+CORE_INSERT = (
+    '{"blocks":[[{"client_id":"a","clock":11,"offset":0},{"id":{"client_id":"a","clock":11,"offset":0},'
+    '"text":"hello world","left_origin":null,"right_origin":null,"deleted":false}],'
+    '[{"client_id":"a","clock":13,"offset":0},{"id":{"client_id":"a","clock":13,"offset":0},"text":"XY",'
+    '"left_origin":{"client_id":"a","clock":5,"offset":0},"right_origin":{"client_id":"a","clock":6,"offset":0},'
+    '"deleted":false}]],"clock":{"value":13},"client_id":"a"}'
+)
+
+
+class TextStateTests(SynchronousTestCase):
+    def test_insert_is_the_cores(self) -> None:
+        """A local insert leaves the replica in the state the core's own insert writes, byte for byte."""
+        replica = FugueText.parse(state_json("a", [(11, "a", "hello world", None, None)]))
+        insert(replica, "a", "XY", (5, "a"), (6, "a"))
+        self.assertEqual(replica.to_json(), CORE_INSERT)
+
+    def test_prefill(self) -> None:
+        """
+        The pre-filled document has about the characters asked for, its character ids in text
+        order, and is the same in every process (so every worker can build it).
+        """
+        document = prefill(1000)
+        text = FugueText.parse(document.state).text()
+        self.assertEqual(len(text), len(document.order))
+        self.assertGreaterEqual(len(text), 1000)
+        self.assertLess(len(text), 1080)
+        self.assertEqual(len(set(document.order)), len(document.order))
+        self.assertEqual(prefill(1000), document)
+        self.assertEqual(document.between(0), (None, document.order[0]))
+        self.assertEqual(document.between(len(text)), (document.order[-1], None))
+
+    def test_insert_at_either_end(self) -> None:
+        """An insert between the neighbours L{Prefill.between} gives shows where it was typed."""
+        document = prefill(300)
+        replica = FugueText.parse(document.state)
+        shown = replica.text()
+        insert(replica, "w", "AB", *document.between(0))
+        insert(replica, "w", "YZ", *document.between(len(document.order)))
+        self.assertEqual(replica.text(), "AB" + shown + "YZ")
+        self.assertEqual(replica.clock, len(document.order) + 4)
+
+
+def blocks_of(state: FugueText, client_id: str) -> list[dict]:
+    """The blocks C{client_id} typed, as the state's JSON has them."""
+    return [block for _, block in json.loads(state.to_json())["blocks"] if block["id"]["client_id"] == client_id]
+
+
+def relay(state: str) -> bytes:
+    """A ``delta_batch`` relay of a text state, as the server sends it in a binary frame."""
+    return wire.Frame("delta_batch", 0, text_batch("r-1", "room:t", "server", state)).encoded(True)
+
+
+class FakeClient:
+    """What a writer uses of a connection: C{send}, and the two hooks it sets."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+        self.on_message = lambda message: None
+        self.on_raw = None
+
+    def send(self, kind: str, payload: dict) -> None:
+        self.sent.append((kind, payload))
+
+
+class TextWriterTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.document = prefill(200)
+        self.client = FakeClient()
+        self.relays = TextRelays()
+        self.writer = TextWriter(self.client, "text-0", "room:t", Options("text", "ws://x/ws"), self.document, self.relays)
+
+    def state_sent(self, index: int) -> FugueText:
+        kind, payload = self.client.sent[index]
+        self.assertEqual(kind, "delta_batch")
+        [op] = payload["deltas"]
+        self.assertEqual((op["type"], op["documentId"], op["clientId"]), ("text-state", "room:t", "text-0"))
+        return FugueText.parse(op["state"])
+
+    def test_each_write_is_the_whole_state_with_one_insert_more(self) -> None:
+        """Every write carries the pre-filled document and all of this writer's inserts so far."""
+        for _ in range(3):
+            self.writer.send_one()
+        first, third = self.state_sent(0), self.state_sent(2)
+        self.assertEqual(first.client_id, "text-0")
+        self.assertEqual((len(blocks_of(first, "text-0")), len(blocks_of(third, "text-0"))), (1, 3))
+        self.assertFalse(first.copy().merge(FugueText.parse(self.document.state)))  # it holds the document
+        self.assertFalse(third.merge(first))  # and the later state holds the earlier one
+        typed = sum(len(b["text"]) for b in blocks_of(third, "text-0"))
+        self.assertEqual(len(third.text()), len(self.document.order) + typed)
+
+    def test_acks_and_refusals(self) -> None:
+        """An ack answers its write by message id; an error answers the oldest write, as refused."""
+        self.writer.send_one()
+        self.client.on_message({"type": "error", "error": "Invalid message format"})
+        self.writer.send_one()
+        self.client.on_message({"type": "ack", "messageId": "text-0-1"})
+        replies = self.writer.replies
+        self.assertEqual((len(replies.latencies_ms), replies.refused, replies.missing, replies.unexpected), (2, 1, 0, 0))
+
+    def test_merges_the_newest_relay(self) -> None:
+        """
+        The next write holds the newest relay (which holds the ones before it).  Binary relays
+        are taken undecoded; other messages are left to be decoded.
+        """
+        other = FugueText.parse(self.document.state)
+        insert(other, "text-9", "zzz", None, None)
+        older = other.to_json()
+        insert(other, "text-9", "qqq", None, None)
+        self.assertTrue(self.client.on_raw(relay(older), True))
+        self.assertTrue(self.client.on_raw(relay(other.to_json()), True))
+        self.assertFalse(self.client.on_raw(wire.Frame("ack", 0, {"messageId": "text-0-0"}).encoded(True), True))
+        self.writer.send_one()
+        self.assertFalse(self.state_sent(0).merge(other))
+
+    def test_parses_at_most_once_an_interval(self) -> None:
+        """A relay newer than the last parse waits for the interval to pass; then it is the one parsed."""
+        replica = FugueText.parse(self.document.state)
+        self.relays.offer(relay(replica.to_json()), True)
+        first = self.relays.current(100.0)
+        insert(replica, "text-9", "zzz", None, None)
+        self.relays.offer(relay(replica.to_json()), True)
+        self.assertIs(self.relays.current(100.0 + RELAY_PARSE_INTERVAL / 2), first)
+        later = self.relays.current(100.0 + RELAY_PARSE_INTERVAL * 2)
+        self.assertIsNot(later, first)
+        self.assertEqual(later.to_json(), replica.to_json())
+
+
 class ReportTests(SynchronousTestCase):
     def report(self, name: str, throughput: int, p50: float) -> dict:
         moment = datetime.datetime(2026, 11, 23, 4, 15, tzinfo=datetime.timezone.utc)
@@ -80,6 +213,29 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("| throughput msgs/s | 2000.0 | 1000.0 | 2.00x |", table)
         self.assertIn("| latency p50 ms | 1.0 | 4.0 | 0.25x |", table)
         self.assertIn("| server RSS MiB (peak) | 2.0 | 2.0 | 1.00x |", table)
+        self.assertNotIn("stall", table)  # no canary in this scenario
+
+    def text_report(self, name: str, stalls: list[float], refused: int) -> dict:
+        moment = datetime.datetime(2026, 11, 23, 4, 15, tzinfo=datetime.timezone.utc)
+        result = Result(
+            latencies_ms=[5.0] * 10, sent=10, received=10, refused=refused, elapsed=1.0, connections=11,
+            stall_latencies_ms=stalls, stall_missing=2,
+        )  # fmt: skip
+        return report.build(Options("text", "ws://h/ws"), result, {"name": name}, moment, moment, [], 1)
+
+    def test_text_stalls(self) -> None:
+        """The text scenario reports the canary's round trips, its stalls side by side in compare."""
+        ours = self.text_report("ours", [float(i) for i in range(1, 101)], 0)
+        self.assertEqual(
+            ours["canary"],
+            {"interval_ms": 5.0, "pings": 102, "unanswered": 2, "p50_ms": 50, "stall_p99_ms": 99, "stall_max_ms": 100},
+        )
+        theirs = self.text_report("theirs", [2.0, 4.0], 10)
+        self.assertEqual(theirs["errors"]["refused"], 10)
+        table = report.compare(ours, theirs)
+        self.assertIn("| stall p99 ms (canary) | 99.0 | 4.0 | 24.75x |", table)
+        self.assertIn("| stall max ms (canary) | 100.0 | 4.0 | 25.00x |", table)
+        self.assertIn("| refused | 0 | 10 | 0.00x |", table)
 
 
 class ScenarioTests(ServiceCase):
@@ -148,6 +304,22 @@ class ScenarioTests(ServiceCase):
 
     async def test_echo(self) -> None:
         await self.check("echo")
+
+    async def test_text(self) -> None:
+        """
+        Every write is acknowledged and merged: the stored text holds the pre-filled document and
+        one block per write; the canary's pings are answered meanwhile.
+        """
+        service, port = await self.started()
+        options = Options("text", f"ws://127.0.0.1:{port}/ws", clients=3, window=1, chars=300, duration=0.3, drain=1.0)
+        result = await run(reactor, options)
+        self.assertEqual((result.errors, result.missing, result.refused), ([], 0, 0))
+        self.assertGreater(result.received, 0)
+        self.assertGreater(len(result.stall_latencies_ms), 0)
+        self.assertEqual(result.stall_missing, 0)
+        stored = (await service.storage.load("room:bench-text")).text.state
+        self.assertEqual(sum(len(blocks_of(stored, f"text-{i}")) for i in range(3)), result.received)
+        self.assertFalse(stored.copy().merge(FugueText.parse(prefill(300).state)))
 
     async def test_connections_do_not_wait_for_delayed_acks(self) -> None:
         """

@@ -38,6 +38,7 @@ DEFAULTS = {
     "fanout": {"subscribers": 10, "rate": 100.0},
     "throughput": {"clients": 50, "window": 10},
     "echo": {"clients": 50, "window": 10},
+    "text": {"clients": 10, "window": 1},
 }
 
 
@@ -45,9 +46,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="synckit-bench", description="Measure a SyncKit server (or a WebSocket echo).")
     p.add_argument("scenario", choices=SCENARIOS)
     p.add_argument("--url", required=True, help="WebSocket URL: ws://HOST:PORT/ws (or .../echo for echo)")
-    p.add_argument("--clients", type=int, help="connections (burst 100, steady 1000, throughput and echo 50)")
+    p.add_argument("--clients", type=int, help="connections (burst 100, steady 1000, throughput and echo 50, text 10)")
     p.add_argument("--subscribers", type=int, help="fanout: subscribers of the written document (10)")
-    p.add_argument("--window", type=int, help="messages in flight per connection when not paced (10)")
+    p.add_argument("--window", type=int, help="messages in flight per connection when not paced (10; text 1)")
     p.add_argument("--messages", type=int, help="roundtrip: how many (2000)")
     p.add_argument("--rate", type=float, help="messages/s per writer; 0 = as fast as the window allows")
     p.add_argument("--pattern", choices=PATTERNS, default="fixed", help="how a rate is paced (fixed)")
@@ -58,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for each reply while connecting (15)")
     p.add_argument("--value-bytes", type=int, default=32, help="size of each delta's value (32)")
     p.add_argument("--fields", type=int, help="roundtrip: fields written to the document before measuring (0)")
+    p.add_argument("--chars", type=int, help="text: characters of the pre-filled document (10000)")
     p.add_argument("--peer-url", help="fanout: a second instance's URL; subscribers alternate between the two")
     p.add_argument("--text", action="store_true", help="JSON text frames instead of binary")
     p.add_argument("--ping", action="store_true", help="roundtrip: ping -> pong instead of delta -> ack")
@@ -112,7 +114,8 @@ async def run_workers(reactor: Any, argv: list[str], processes: int) -> Result:
     for part in await gatherResults(runs, consumeErrors=True):
         merged.latencies_ms += part["latencies_ms"]
         merged.peer_latencies_ms += part["peer_latencies_ms"]
-        for key in ("sent", "received", "missing", "out_of_order", "connections"):
+        merged.stall_latencies_ms += part["stall_latencies_ms"]
+        for key in ("sent", "received", "missing", "out_of_order", "refused", "connections", "stall_missing"):
             setattr(merged, key, getattr(merged, key) + part[key])
         merged.errors += part["errors"]
         merged.elapsed = max(merged.elapsed, part["elapsed"])
@@ -163,7 +166,7 @@ async def main_async(reactor: Any, argv: list[str]) -> None:
         for png in plot(built, path, result.latencies_ms):
             print(png)
     print(path)
-    print(json.dumps({k: built[k] for k in ("throughput", "latency_ms", "errors")}, indent=1))
+    print(json.dumps({k: built[k] for k in ("throughput", "latency_ms", "errors", "canary") if k in built}, indent=1))
 
 
 def _progress(started: float, sampler: Optional[Sampler]) -> None:

@@ -21,17 +21,27 @@ class BenchError(Exception):
     """The server cannot be reached or does not behave: the run stops with this message."""
 
 
+class Refused(BenchError):
+    """The server answered a request with an error."""
+
+
 class BenchClient(WebSocketClientProtocol):
     """
     Sends messages and hands every message received to C{on_message} (decoded, or raw bytes
     in echo mode).  Counts what does not decode instead of failing the run.
     """
 
+    #: bytes read from the socket at a time (Twisted reads 64 KiB): the text scenario relays
+    #: states of hundreds of KiB to every writer, which would take a reactor turn per 64 KiB
+    read_size = 1024 * 1024
+
     def __init__(self) -> None:
         super().__init__()
         self.opened: Deferred = Deferred()
         self.closed: Deferred = Deferred()
         self.on_message: Callable[[Any], None] = lambda message: None
+        #: offered each message's bytes (and whether binary) first; True takes it undecoded
+        self.on_raw: Optional[Callable[[bytes, bool], bool]] = None
         self.undecodable = 0
         self._waiting: list[tuple[Callable[[dict[str, Any]], bool], Deferred]] = []
 
@@ -41,6 +51,7 @@ class BenchClient(WebSocketClientProtocol):
         # the factory's options onto the protocol.  Without it a small message sent while the
         # previous one is unacknowledged waits for the peer's delayed ACK (40 ms on Linux).
         self.transport.setTcpNoDelay(True)
+        self.transport.bufferSize = self.read_size
 
     def onOpen(self) -> None:
         self.opened.callback(self)
@@ -56,6 +67,8 @@ class BenchClient(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.factory.raw:
             self.on_message(payload)
+            return
+        if self.on_raw is not None and self.on_raw(payload, isBinary):
             return
         try:
             message = wire.decode(payload, lambda: "") if isBinary else json.loads(payload)
@@ -87,7 +100,7 @@ class BenchClient(WebSocketClientProtocol):
 
         def check(message: dict[str, Any]) -> dict[str, Any]:
             if message.get("type") in ("error", "auth_error"):
-                raise BenchError(f"the server refused {kind}: {message.get('error') or message}")
+                raise Refused(f"the server refused {kind}: {message.get('error') or message}")
             return message
 
         return d.addCallback(check)

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any, Optional
 
-from synckit.bench.scenarios import Options, Result
+from synckit.bench.scenarios import CANARY_INTERVAL, Options, Result
 from synckit.bench.stats import summary
 
 
@@ -51,6 +51,7 @@ def build(
         "errors": {
             "missing": missing,
             "out_of_order": result.out_of_order,
+            "refused": result.refused,
             "connection_errors": len(result.errors),
             "samples": result.errors[:10],
         },
@@ -58,7 +59,25 @@ def build(
     }
     if options.peer_url:
         built["latency_peer_ms"] = summary(result.peer_latencies_ms)
+    if options.scenario == "text":
+        built["canary"] = canary(result)
     return built
+
+
+def canary(result: Result) -> dict[str, Any]:
+    """
+    The canary's ping -> pong round trips: a pong waits for whatever the server's reactor is
+    doing when the ping arrives, so the slowest ones are its longest stalls.
+    """
+    stalls = summary(result.stall_latencies_ms)
+    return {
+        "interval_ms": CANARY_INTERVAL * 1000,
+        "pings": stalls["count"] + result.stall_missing,
+        "unanswered": result.stall_missing,
+        "p50_ms": stalls["p50"],
+        "stall_p99_ms": stalls["p99"],
+        "stall_max_ms": stalls["max"],
+    }
 
 
 def file_name(report: dict[str, Any]) -> str:
@@ -88,7 +107,10 @@ ROWS = (
     ("latency mean ms", ("latency_ms", "mean"), False),
     ("missing", ("errors", "missing"), False),
     ("out of order", ("errors", "out_of_order"), False),
+    ("refused", ("errors", "refused"), False),
     ("connection errors", ("errors", "connection_errors"), False),
+    ("stall p99 ms (canary)", ("canary", "stall_p99_ms"), False),
+    ("stall max ms (canary)", ("canary", "stall_max_ms"), False),
     ("server CPU % (mean)", ("resources", "cpu_pct"), False),
     ("server RSS MiB (peak)", ("resources", "rss_kb"), False),
 )

@@ -9,17 +9,23 @@ process of this machine), so whoever receives a broadcast can time it, in any wo
 
 from __future__ import annotations
 
+import math
+import random
+import string
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from twisted.internet.defer import Deferred, DeferredList, FirstError, TimeoutError, gatherResults
 from twisted.internet.task import deferLater
 
-from synckit.bench.client import BenchClient, BenchError, Connector
+from synckit import wire
+from synckit.bench.client import BenchClient, BenchError, Connector, Refused
 from synckit.bench.stats import Replies
+from synckit.bench.textstate import Prefill, insert, prefill
+from synckit.sync.fugue import FugueText
 
-SCENARIOS = ("roundtrip", "burst", "steady", "fanout", "throughput", "echo")
+SCENARIOS = ("roundtrip", "burst", "steady", "fanout", "throughput", "echo", "text")
 PATTERNS = ("fixed", "burst", "ramp")
 
 
@@ -48,6 +54,8 @@ class Options:
     fields: int = 0
     #: fanout: a second instance of the server; subscribers alternate between it and C{url}
     peer_url: Optional[str] = None
+    #: text: characters of the pre-filled document
+    chars: int = 10_000
     #: this worker's share, when several processes run one scenario
     worker: int = 0
     workers: int = 1
@@ -62,15 +70,21 @@ class Result:
     received: int = 0
     missing: int = 0
     out_of_order: int = 0
+    #: replies (in C{received}) that were errors: writes the server refused
+    refused: int = 0
     errors: list[str] = field(default_factory=list)
     connections: int = 0
     elapsed: float = 0.0
+    #: text: the canary's ping -> pong round trips, and its pings never answered
+    stall_latencies_ms: list[float] = field(default_factory=list)
+    stall_missing: int = 0
 
     def absorb(self, replies: Replies) -> None:
         self.latencies_ms += replies.latencies_ms
         self.received += len(replies.latencies_ms)
         self.missing += replies.missing
         self.out_of_order += replies.out_of_order
+        self.refused += replies.refused
 
 
 class Pacer:
@@ -149,12 +163,15 @@ class Writer:
         kind = message.get("type")
         if kind == "ack" or (kind == "pong" and self.options.ping):
             reference = message.get("messageId", "") if kind == "ack" else None
-            seq = self._seq_of(reference) if reference is not None else min(self.replies.pending, default=-1)
-            if seq is not None and self.replies.received(seq, time.monotonic()) and self._window_open is not None:
-                opened, self._window_open = self._window_open, None
-                opened.callback(None)
+            self._answered(self._seq_of(reference) if reference is not None else min(self.replies.pending, default=-1))
         elif kind == "error":
             self.replies.unexpected += 1
+
+    def _answered(self, seq: Optional[int]) -> None:
+        """Record the reply to C{seq}, and let the next message go if the window was full."""
+        if seq is not None and self.replies.received(seq, time.monotonic()) and self._window_open is not None:
+            opened, self._window_open = self._window_open, None
+            opened.callback(None)
 
     def _seq_of(self, message_id: str) -> Optional[int]:
         prefix, _, seq = str(message_id).rpartition("-")
@@ -188,6 +205,110 @@ class Writer:
         deadline = time.monotonic() + self.options.drain
         while self.replies.pending and time.monotonic() < deadline:
             await sleep(reactor, 0.01)
+
+
+#: the first byte of a binary ``delta_batch``
+DELTA_BATCH_CODE = bytes([wire.TYPE_CODES["delta_batch"]])
+#: seconds between two parses of the text document relayed to the writers of one process
+RELAY_PARSE_INTERVAL = 0.05
+
+
+class TextRelays:
+    """
+    The text document as the server last relayed it to any writer of this process, for the
+    writers to merge.  A server that merges (ours) relays the document's merged state, which
+    holds every earlier one, to every writer; the merge is a join, so merging only the newest
+    gives the replica that merging each would.  So the newest relay is kept (binary ones as
+    bytes, undecoded) and parsed at most every L{RELAY_PARSE_INTERVAL} seconds, one parse for
+    all the writers: with a parse per write, 10 writers cost the client as much CPU as their
+    merges cost the server.  A writer's state then lacks at most that long of the others' edits,
+    about what the SDK's own 50 ms batching of sends adds.
+    """
+
+    def __init__(self) -> None:
+        self._newest: Union[bytes, dict[str, Any], None] = None
+        self._parsed_at = -math.inf
+        #: the newest relayed state parsed
+        self.state: Optional[FugueText] = None
+
+    def offer(self, payload: bytes, binary: bool) -> bool:
+        """A L{BenchClient.on_raw}: keeps a binary ``delta_batch`` (a relay) undecoded."""
+        if binary and payload[:1] == DELTA_BATCH_CODE:
+            self._newest = payload
+            return True
+        return False
+
+    def keep(self, relay: dict[str, Any]) -> None:
+        """Keep a decoded ``delta_batch`` relay (JSON text frames)."""
+        self._newest = relay
+
+    def current(self, now: float) -> Optional[FugueText]:
+        """The newest relayed state, parsed again if a newer one came and the last parse is old enough."""
+        if self._newest is not None and now - self._parsed_at >= RELAY_PARSE_INTERVAL:
+            relay, self._newest = self._newest, None
+            self._parsed_at = now
+            if isinstance(relay, bytes):
+                relay = wire.decode(relay, lambda: "")
+            for op in relay.get("deltas") or ():
+                if isinstance(op, dict) and op.get("type") == "text-state" and isinstance(op.get("state"), str):
+                    self.state = FugueText.parse(op["state"])
+        return self.state
+
+
+class TextWriter(Writer):
+    """
+    A SyncText client on the text document: each write inserts a few characters at a random
+    place of its replica, then sends a ``delta_batch`` of one ``text-state`` op holding the
+    replica's whole state, as the SDK does; the C{ack} answers it by message id.  Before each
+    insert it merges the L{TextRelays}' state, so that its states grow with everyone's edits as
+    an SDK client's do.
+
+    An C{error} reply answers the oldest write still waiting (replies come in order) and counts
+    as refused, so that a server refusing text states still gets its replies counted.
+    """
+
+    def __init__(
+        self, client: BenchClient, name: str, doc_id: str, options: Options, document: Prefill, relays: TextRelays
+    ) -> None:
+        super().__init__(client, name, doc_id, options)
+        self.document = document
+        self.relays = relays
+        self.replica = FugueText.parse(document.state)
+        self.replica.client_id = name
+        self._merged: Optional[FugueText] = None
+        self._rng = random.Random(name)
+        client.on_raw = relays.offer
+
+    def send_one(self) -> None:
+        relayed = self.relays.current(time.monotonic())
+        if relayed is not None and relayed is not self._merged:
+            self.replica.merge(relayed)
+            self._merged = relayed
+        rng = self._rng
+        typed = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 5)))
+        insert(self.replica, self.name, typed, *self.document.between(rng.randint(0, len(self.document.order))))
+        seq = self.count
+        self.count += 1
+        batch = text_batch(f"{self.name}-{seq}", self.doc_id, self.name, self.replica.to_json())
+        self.replies.sent(seq, time.monotonic())
+        self.client.send("delta_batch", batch)
+
+    def _received(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "delta_batch":
+            self.relays.keep(message)
+        elif kind == "error" and self.replies.pending:
+            self.replies.refused += 1
+            self._answered(min(self.replies.pending))
+        else:
+            super()._received(message)
+
+
+def text_batch(message_id: str, doc_id: str, client_id: str, state: str) -> dict[str, Any]:
+    """A ``delta_batch`` carrying a whole text state, as the SDK's SyncText sends it."""
+    now_ms = int(time.time() * 1000)
+    op = {"type": "text-state", "documentId": doc_id, "state": state, "clientId": client_id, "timestamp": now_ms}
+    return {"id": message_id, "documentId": doc_id, "deltas": [op]}
 
 
 async def _gather(coroutines: list[Any]) -> list[Any]:
@@ -390,21 +511,80 @@ async def echo(reactor: Any, connector: Connector, options: Options) -> Result:
     return result
 
 
-async def _write(reactor: Any, writers: list[Writer], clients: list[BenchClient], options: Options) -> Result:
-    """Every writer sends for the duration, then waits for its last replies; their results together."""
+#: seconds between the text scenario's canary pings
+CANARY_INTERVAL = 0.005
+
+
+async def text(reactor: Any, connector: Connector, options: Options) -> Result:
+    """
+    Text merge under load: C{clients} L{TextWriter}s on one SyncText document pre-filled with
+    about C{chars} characters, C{window} writes in flight each.  Every write is a merge on the
+    server, so acked writes a second are merges a second; the state each carries grows by a
+    block a write, so later merges cost more.  Meanwhile (worker 0) a canary connection pings
+    every L{CANARY_INTERVAL} seconds: its longest round trips are the server's longest stalls.
+
+    The reference server (0.3.0) knows no ``delta_batch`` (type code 0x50): it answers each write
+    with C{error} "Invalid message format", which the writers count as refused and time as the
+    write's reply, and it stores and relays nothing, so its writers' states grow only by their own
+    inserts.  (It reads binary frames only: with C{--text} it refuses even C{auth}.)
+    """
+    doc_id = f"{options.doc_prefix}-text"
+    document = prefill(options.chars)
+    names = [f"text-{i}" for i in share(options.clients, options)]
+    clients = await _sessions(connector, names, lambda _: doc_id)
+    if clients:
+        await fill_text(reactor, clients[0], names[0], doc_id, document.state, options)
+    relays = TextRelays()
+    writers: list[Writer] = [TextWriter(c, n, doc_id, options, document, relays) for c, n in zip(clients, names)]
+    canary = None
+    if options.worker == 0:
+        [canary_client] = await _sessions(connector, ["text-canary"], lambda _: None)
+        clients.append(canary_client)
+        pings = replace(options, ping=True, rate=1 / CANARY_INTERVAL, pattern="fixed")
+        canary = Writer(canary_client, "text-canary", doc_id, pings)
+    return await _write(reactor, writers, clients, options, canary)
+
+
+async def fill_text(reactor: Any, client: BenchClient, name: str, doc_id: str, state: str, options: Options) -> None:
+    """
+    Write the pre-filled document's state, and wait for its C{ack}.  A server that refuses text
+    states (the reference), or ignores them, does the same to every write, which the writers
+    count; so the run goes on.
+    """
+    message_id = f"{name}-fill"
+    try:
+        await client.request(
+            "delta_batch", text_batch(message_id, doc_id, name, state),
+            lambda m: m.get("type") == "ack" and m.get("messageId") == message_id, options.timeout, reactor,
+        )  # fmt: skip
+    except (Refused, TimeoutError):
+        pass
+
+
+async def _write(
+    reactor: Any, writers: list[Writer], clients: list[BenchClient], options: Options, canary: Optional[Writer] = None
+) -> Result:
+    """
+    Every writer sends for the duration, then waits for its last replies; their results
+    together.  A C{canary}, if any, pings meanwhile: its round trips are the stall samples.
+    """
+    everyone = writers + ([canary] if canary is not None else [])
     started = time.monotonic()
-    await _gather([w.run(reactor, started + options.duration) for w in writers])
-    await _gather([w.drain(reactor) for w in writers])
+    await _gather([w.run(reactor, started + options.duration) for w in everyone])
+    await _gather([w.drain(reactor) for w in everyone])
     result = Result(connections=len(clients), elapsed=time.monotonic() - started)
     for writer in writers:
         result.sent += writer.count
         result.absorb(writer.replies)
+    if canary is not None:
+        result.stall_latencies_ms, result.stall_missing = canary.replies.latencies_ms, canary.replies.missing
     await _close(clients)
     return result
 
 
 RUN: dict[str, Callable[[Any, Connector, Options], Awaitable[Result]]] = {
     "roundtrip": roundtrip, "burst": burst, "steady": steady, "fanout": fanout, "throughput": throughput, "echo": echo,
+    "text": text,
 }  # fmt: skip
 
 

@@ -30,7 +30,8 @@ def summary(samples_ms: Sequence[float]) -> dict[str, Optional[float]]:
 class Replies:
     """
     Requests sent, keyed by sequence number, and the replies that came back: latency of each,
-    replies that overtook an earlier request's ("out of order"), and requests never answered.
+    replies that overtook an earlier request's ("out of order"), requests never answered, and
+    C{refused}: the replies that were errors, for callers that take an error as the reply.
     """
 
     def __init__(self) -> None:
@@ -38,6 +39,7 @@ class Replies:
         self.latencies_ms: list[float] = []
         self.out_of_order = 0
         self.unexpected = 0
+        self.refused = 0
         self._highest = -1
 
     def sent(self, seq: int, at: float) -> None:

@@ -10,7 +10,9 @@ run this module first.
 
 from __future__ import annotations
 
+import ast
 import collections
+import inspect
 import pprint
 from importlib.metadata import version
 from inspect import isfunction, signature
@@ -123,6 +125,30 @@ class AutobahnTests(SynchronousTestCase):
         client.sendMessage(binary("ping", {}), isBinary=True)
         pump.flush()
         self.assertTrue(made, changed("autobahn", "reading a masked frame", check))
+
+    def test_debug_highlights_only_in_log_calls(self) -> None:
+        """
+        synckit/websocket.py makes Autobahn's C{hltype} and C{hlval} lazy in its protocol modules:
+        that holds only while every call of theirs there is a keyword argument of a log call.
+        """
+        check = "Check the hltype/hlval swap at the top of synckit/websocket.py."
+        for module in (autobahn_protocol, autobahn_twisted):
+            tree = ast.parse(inspect.getsource(module))
+            in_log_calls = {
+                id(keyword.value)
+                for call in ast.walk(tree)
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                and call.func.attr in ("debug", "info", "warn", "error", "failure", "critical")
+                for keyword in call.keywords
+            }  # fmt: skip
+            calls = [
+                node for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hltype", "hlval")
+            ]  # fmt: skip
+            self.assertTrue(calls, changed("autobahn", f"{module.__name__} (no hltype or hlval left)", check))
+            for call in calls:
+                where = f"{call.func.id} at {module.__name__} line {call.lineno}"  # type: ignore[attr-defined]
+                self.assertIn(id(call), in_log_calls, changed("autobahn", where, check))
 
     def test_connection_options_formatted_through_the_module_pformat(self) -> None:
         """

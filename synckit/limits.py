@@ -25,6 +25,8 @@ def is_trusted(address: str, proxies: Sequence[Union[IPNetwork, str]]) -> bool:
     Whether C{address} is in one of C{proxies}; an IPv4 address mapped into IPv6 counts as IPv4,
     and a unix socket's peer is trusted when C{proxies} holds L{UNIX_PEER}.
     """
+    if not proxies:
+        return False  # the usual case, without parsing the address (per connection)
     if address == UNIX_PEER:
         return UNIX_PEER in proxies
     try:

@@ -12,6 +12,7 @@ connection accepted earlier could not be served.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -158,6 +159,27 @@ def exit_zero_on_signals(reactor: Any) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
+
+
+#: the collector's thresholds for a running server: a young collection every 50,000 new objects
+#: rather than 700, and the older generations examined more rarely in proportion
+GC_THRESHOLDS = (50_000, 50, 100)
+
+
+def tune_garbage_collection() -> None:
+    """
+    Collect cycles less often than CPython's defaults, and never look again at what start-up
+    made.  A connection's set-up makes a few hundred objects (Autobahn's protocol, Twisted's
+    transport, the session), so at the default threshold of 700 a reconnect storm triggers a
+    young collection every few connections and, with thousands connected, full collections
+    that walk every connection's objects: 12% of the CPU of setting up 3,000 connections, and
+    their p99 went from 27 to 75 ms.  synckit leaves no cycles on the hot paths (a closed
+    connection's memory comes back without the collector), so collecting less often costs little
+    memory.  Called once, at the end of start-up, by the daemon (not by tests).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def exit_one_if_start_fails(service: "SyncKitService", reactor: Any) -> None:

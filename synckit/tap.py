@@ -82,7 +82,7 @@ def _reactor() -> Any:
 
 def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     """Build the service tree; nothing listens or connects until it starts."""
-    from synckit.service import build, exit_one_if_start_fails, exit_zero_on_signals
+    from synckit.service import build, exit_one_if_start_fails, exit_zero_on_signals, tune_garbage_collection
 
     if reactor is not None:
         return build(options.config, reactor)
@@ -91,5 +91,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     reactor = _reactor()
     service = build(options.config, reactor)
     reactor.callWhenRunning(exit_zero_on_signals, reactor)
+    reactor.callWhenRunning(tune_garbage_collection)
     exit_one_if_start_fails(service, reactor)
     return service

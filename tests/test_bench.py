@@ -299,6 +299,16 @@ class ScenarioTests(ServiceCase):
         result = await self.check("fanout", rate=50.0, duration=0.4)
         self.assertEqual(result.received, result.sent)  # every delta reached every subscriber
 
+    async def test_fanout_again_on_the_same_server(self) -> None:
+        """
+        A second run counts only its own deliveries: what the first left on the server reaches
+        the new subscribers as they subscribe, and is not this run's.
+        """
+        options = await self.options("fanout", rate=50.0)
+        for run_id, duration in (("first", 0.8), ("second", 0.2)):  # the first writes more fields
+            result = await run(reactor, replace(options, run=run_id, duration=duration))
+            self.assertEqual((result.errors, result.received), ([], result.sent))
+
     async def test_throughput_paced_in_bursts(self) -> None:
         await self.check("throughput", rate=40.0, pattern="burst", burst_size=5)
 
@@ -311,13 +321,15 @@ class ScenarioTests(ServiceCase):
         one block per write; the canary's pings are answered meanwhile.
         """
         service, port = await self.started()
-        options = Options("text", f"ws://127.0.0.1:{port}/ws", clients=3, window=1, chars=300, duration=0.3, drain=1.0)
+        options = Options(
+            "text", f"ws://127.0.0.1:{port}/ws", clients=3, window=1, chars=300, duration=0.3, drain=1.0, run="t"
+        )
         result = await run(reactor, options)
         self.assertEqual((result.errors, result.missing, result.refused), ([], 0, 0))
         self.assertGreater(result.received, 0)
         self.assertGreater(len(result.stall_latencies_ms), 0)
         self.assertEqual(result.stall_missing, 0)
-        stored = (await service.storage.load("room:bench-text")).text.state
+        stored = (await service.storage.load("room:bench-text-t")).text.state
         self.assertEqual(sum(len(blocks_of(stored, f"text-{i}")) for i in range(3)), result.received)
         self.assertFalse(stored.copy().merge(FugueText.parse(prefill(300).state)))
 

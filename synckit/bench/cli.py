@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -71,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also write latency and resource PNGs (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--run", help=argparse.SUPPRESS)
     return p
 
 
@@ -80,6 +82,7 @@ def options_from(args: argparse.Namespace) -> Options:
         given = getattr(args, f.name, None)
         if given is not None and f.name not in ("worker", "workers"):
             values[f.name] = given
+    values["run"] = args.run or uuid.uuid4().hex[:8]
     if args.worker:
         index, _, total = args.worker.partition("/")
         values["worker"], values["workers"] = int(index), int(total)
@@ -149,7 +152,8 @@ async def main_async(reactor: Any, argv: list[str]) -> None:
     started = datetime.datetime.now(datetime.timezone.utc)
     try:
         if args.processes > 1:
-            result = await run_workers(reactor, [a for a in argv if a != "--plot"], args.processes)
+            argv = [a for a in argv if a != "--plot"] + ["--run", options.run]
+            result = await run_workers(reactor, argv, args.processes)
         else:
             result = await run(reactor, options)
     finally:

@@ -56,6 +56,10 @@ class Options:
     peer_url: Optional[str] = None
     #: text: characters of the pre-filled document
     chars: int = 10_000
+    #: this run's id, the same in every worker: fanout and text write to documents of their own,
+    #: so that what an earlier run left there (sent to subscribers as they subscribe) is not
+    #: taken for this run's deliveries
+    run: str = ""
     #: this worker's share, when several processes run one scenario
     worker: int = 0
     workers: int = 1
@@ -419,7 +423,7 @@ async def fanout(reactor: Any, connector: Connector, options: Options) -> Result
     C{url}; with a C{peer_url} every other subscriber is on that instance, so that half the
     deliveries cross between instances (through Redis, or whatever the servers share).
     """
-    doc_id = f"{options.doc_prefix}-fanout"
+    doc_id = f"{options.doc_prefix}-fanout-{options.run}"
     result = Result()
     seen: set[tuple[int, str]] = set()
 
@@ -528,7 +532,7 @@ async def text(reactor: Any, connector: Connector, options: Options) -> Result:
     write's reply, and it stores and relays nothing, so its writers' states grow only by their own
     inserts.  (It reads binary frames only: with C{--text} it refuses even C{auth}.)
     """
-    doc_id = f"{options.doc_prefix}-text"
+    doc_id = f"{options.doc_prefix}-text-{options.run}"
     document = prefill(options.chars)
     names = [f"text-{i}" for i in share(options.clients, options)]
     clients = await _sessions(connector, names, lambda _: doc_id)

@@ -22,7 +22,7 @@ from synckit.session import Handler, Reject, Session
 from synckit.sync.broadcast import field_delta
 from synckit.sync.awareness import PresenceLimit
 from synckit.sync.document import TOMBSTONE, Document
-from synckit.sync.engine import Changes
+from synckit.sync.engine import Changes, SyncEngine
 from synckit.sync.fugue import FugueText, TextStateError
 from synckit.wire import Message
 
@@ -242,14 +242,14 @@ async def on_delta_batch(session: Session, message: Message) -> None:
             # An op names its own document: it is written there, if the writer may.
             target = writable_document(session, op)
         change = changes.get(target) or changes.setdefault(target, Changes())
-        _add_op(change, op, index, target, now)
+        _add_op(change, op, index, target, now, session.server.engine)
     for target in changes:
         _subscribe_writer(session, target)
     await session.server.engine.write(session, changes, session.received_at)
     _acknowledge(session, message)
 
 
-def _add_op(change: Changes, op: dict[str, Any], index: int, doc_id: str, now: int) -> None:
+def _add_op(change: Changes, op: dict[str, Any], index: int, doc_id: str, now: int, engine: SyncEngine) -> None:
     """Validate one op of a ``delta_batch`` and add it to what the message writes to C{doc_id}."""
     kind = op.get("type")
     if kind == "text-state":
@@ -257,7 +257,7 @@ def _add_op(change: Changes, op: dict[str, Any], index: int, doc_id: str, now: i
         if not isinstance(state, str) or not state:
             raise _unsupported(doc_id, index, "a text-state operation without a state")
         try:
-            parsed = FugueText.parse(state)
+            parsed = FugueText.parse(state, like=engine.cached_text(doc_id))
         except TextStateError as e:
             raise Reject(
                 f"Invalid text state: {e}", {"documentId": doc_id, "index": index, "code": "INVALID_MESSAGE"}

@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from synckit.sync.fugue import FugueText, TextStateError, grapheme_count
+from synckit.sync.fugue import FugueText, TextStateError, _read_like, grapheme_count
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).resolve().parent / "fixtures" / "fugue_vectors.json"
@@ -253,6 +253,77 @@ class ParseTests(SynchronousTestCase):
             FugueText.parse(json.dumps(value))
         except TextStateError:
             pass
+
+
+def same(a: FugueText, b: FugueText) -> bool:
+    """Whether two states are the same: blocks, clock and client."""
+    return a.to_json() == b.to_json() and a.clock == b.clock and a.client_id == b.client_id
+
+
+class ParseLikeTests(SynchronousTestCase):
+    """
+    Reading a state like another (the document's text): what is read is what the full parse
+    reads, and what it refuses is refused with the full parse's reason.
+    """
+
+    @given(OPS, st.integers(0, 3), st.integers(0, 3))
+    @settings(max_examples=150, deadline=None)
+    def test_same_as_the_full_parse(self, ops: list[tuple[str, int, int, int, int]], i: int, j: int) -> None:
+        states = history(ops)
+        raw, like = states[i % len(states)], FugueText.parse(states[j % len(states)])
+        if j % 2:
+            like.merge(FugueText.parse(raw))  # the document already holds this client's state
+        self.assertTrue(same(FugueText.parse(raw, like=like), FugueText.parse(raw)))
+
+    def test_recorded_states(self) -> None:
+        """Every recorded replica state reads the same like every other of its trace."""
+        vectors = json.loads(VECTORS.read_text(encoding="utf-8"))["traces"][:60]
+        for vector in vectors:
+            for raw in vector["states"]:
+                full = FugueText.parse(raw)
+                self.assertTrue(same(_read_like(raw, FugueText.parse(raw)), full))  # type: ignore[arg-type]
+                for other in vector["states"]:
+                    self.assertTrue(same(FugueText.parse(raw, like=FugueText.parse(other)), full))
+
+    def test_other_layouts(self) -> None:
+        """A state laid out otherwise (spaces, another key order, repeated keys) reads the same."""
+        like = FugueText.parse(ParseTests.GOOD)
+        value = json.loads(ParseTests.GOOD)
+        repeated = ParseTests.GOOD.replace('"blocks":[', '"blocks":[' + json.dumps(value["blocks"][1]) + ",", 1)
+        for raw in (
+            json.dumps(value), json.dumps(dict(reversed(list(value.items())))), repeated,
+            ParseTests.GOOD[:-1] + ',"clock":{"value":9}}', ParseTests.GOOD + " ",
+        ):  # fmt: skip
+            self.assertTrue(same(FugueText.parse(raw, like=like), FugueText.parse(raw)), raw)
+
+    def test_errors_as_the_full_parse(self) -> None:
+        """A state the full parse refuses is refused, with the same reason, however like it is."""
+        like = FugueText.parse(ParseTests.GOOD)
+        good = ParseTests.GOOD
+        bad = [
+            good.replace("}]],", "}],],", 1),  # a trailing comma after the last entry
+            good.replace('"clock":{"value":5}', '"clock":{"value":5.0}'),
+            good.replace('"clock":3,', '"clock":3.0,', 1),
+            good.replace('"clock":{"value":5}', '"clock":{"value":NaN}'),
+            good.replace('[[', "[[1],[", 1),
+            good.replace('"text":"XY"', '"text":"\udc00"'),
+            good[:-1] + ',"blocks":{}}',
+            good[: len(good) // 2],
+        ]
+        for raw in bad:
+            with self.assertRaises(TextStateError, msg=raw) as full:
+                FugueText.parse(raw)
+            with self.assertRaises(TextStateError, msg=raw) as read:
+                FugueText.parse(raw, like=like)
+            self.assertEqual(str(read.exception), str(full.exception))
+
+    def test_fills_what_like_has_not_written(self) -> None:
+        """Entries of C{like} never written yet are written once, for the next state to match."""
+        like = FugueText.parse(ParseTests.GOOD)
+        like.merge(FugueText.parse(state([((9, "c", 0), "new", None, None, False)], 9, "c")))
+        raw = like.to_json()
+        fresh = FugueText.parse(raw)  # nothing written yet
+        self.assertTrue(same(_read_like(raw, fresh), like))  # type: ignore[arg-type]
 
 
 class MergeTests(SynchronousTestCase):

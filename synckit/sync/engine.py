@@ -136,6 +136,14 @@ class SyncEngine:
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
+    def cached_text(self, doc_id: str) -> Optional[FugueText]:
+        """
+        The document's text if it is cached here: a text state written to it is read like it
+        (L{FugueText.parse}), as clients send their whole state, mostly the document's.
+        """
+        doc = self.registry.peek(doc_id)
+        return doc.text.state if doc is not None and doc.text is not None else None
+
     # Reading and subscribing
 
     def open(self, doc_id: str) -> "Deferred[Document]":
@@ -307,7 +315,7 @@ class SyncEngine:
         changed = False
         if text is not None:
             try:
-                state = FugueText.parse(text[0])
+                state = FugueText.parse(text[0], like=doc.text.state if doc.text is not None else None)
             except TextStateError as e:
                 self._log.warn("dropped unreadable text of {doc} from another instance: {error}", doc=doc_id, error=e)
             else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 
 from synckit.upgrade import Routed
@@ -33,6 +34,8 @@ class OutputBatch:
     A reentrant context manager: the outermost exit releases every connection that held
     frames, in the order each first held one.  Frames are held only while it is active.
     """
+
+    _log = Logger()
 
     def __init__(self) -> None:
         self._depth = 0
@@ -56,7 +59,11 @@ class OutputBatch:
             return
         held, self._held = self._held, []
         for connection in held:
-            connection.release()  # anything it sends meanwhile is outside the batch, and goes at once
+            try:
+                connection.release()  # anything it sends meanwhile is outside the batch: at once
+            except Exception:
+                # One connection's failure must not keep the others' replies from them.
+                self._log.failure("sending to {connection} failed", connection=connection)
 
 
 def plain_socket(transport: Any) -> Optional[tcp.Connection]:

@@ -55,6 +55,21 @@ class OutputBatchTests(SynchronousTestCase):
         self.assertFalse(batch.active)
 
 
+class Failing:
+    def release(self) -> None:
+        raise OSError("broken")
+
+
+class OutputBatchFailureTests(SynchronousTestCase):
+    def test_one_failing_connection_does_not_keep_the_others_frames(self) -> None:
+        batch, log = OutputBatch(), []
+        with batch:
+            batch.hold(Failing())
+            batch.hold(Connection("b", log, batch))
+        self.assertEqual(log, ["b"])
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
 class FakeSocket:
     """The parts of Twisted's socket transport that write_now reads and calls."""
 

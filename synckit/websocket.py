@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from synckit.config import Config
 from synckit.limits import UNIX_PEER, forwarded_client
-from synckit.output import backlog, plain_socket, write_now
+from synckit.output import OutputBatch, backlog, plain_socket, write_now
 from synckit.server import SyncServer
 from synckit.session import Session
 from synckit.wire import Frame
@@ -169,6 +169,8 @@ class SyncProtocol(WebSocketServerProtocol):
     _held: Optional[list[bytes]] = None
     #: the socket transport frames may go straight to (L{synckit.output.plain_socket})
     _socket: Optional[tcp.Connection] = None
+    #: the server's output batch (L{synckit.output}), looked up once per connection
+    _output: OutputBatch
 
     def __init__(self) -> None:
         super().__init__()
@@ -196,11 +198,12 @@ class SyncProtocol(WebSocketServerProtocol):
         except (AttributeError, OSError):
             pass  # not TCP: a unix socket
         self._socket = plain_socket(self.transport)
+        self._output = self.factory.sync_server.output
 
     def dataReceived(self, data: bytes) -> None:
         # What the messages of one read make the server send leaves when they are all handled:
         # each connection's frames together, in one system call.
-        with self.factory.sync_server.output:
+        with self._output:
             super().dataReceived(data)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: Optional[int] = None) -> None:
@@ -299,7 +302,7 @@ class SyncProtocol(WebSocketServerProtocol):
             return
         # What sendPreparedMessage -> sendData would do, less a debug line Autobahn formats on
         # every send whether or not debug logging is on (about 5% of a busy server's CPU).
-        output = self.factory.sync_server.output
+        output = self._output
         if output.active:
             if self._held is None:
                 self._held = [framed]

@@ -315,7 +315,7 @@ class SyncEngine:
         changed = False
         if text is not None:
             try:
-                state = FugueText.parse(text[0], like=doc.text.state if doc.text is not None else None)
+                state = FugueText.parse(text[0], like=self.cached_text(doc_id))
             except TextStateError as e:
                 self._log.warn("dropped unreadable text of {doc} from another instance: {error}", doc=doc_id, error=e)
             else:

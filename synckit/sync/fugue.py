@@ -659,17 +659,18 @@ class FugueText:
 
     def to_json(self) -> str:
         """The state as the core's C{toJSON} writes it (blocks in id order)."""
-        cache = self._json
-        parts = []
-        for key in self._keys:
-            part = cache.get(key)
-            if part is None:
-                part = cache[key] = _entry_json(key, self._blocks[key])
-            parts.append(part)
+        parts = [self._entry_text(key) for key in self._keys]
         return (
             f'{{"blocks":[{",".join(parts)}],"clock":{{"value":{self._clock}}},'
             f'"client_id":{encode_basestring(self.client_id)}}}'
         )
+
+    def _entry_text(self, key: Key) -> str:
+        """The JSON of the C{[id, block]} entry of C{key}, written once and kept."""
+        part = self._json.get(key)
+        if part is None:
+            part = self._json[key] = _entry_json(key, self._blocks[key])
+        return part
 
     def text(self) -> str:
         """The text the core shows for this state."""
@@ -706,16 +707,12 @@ def _read_like(state: str, like: FugueText) -> Optional[FugueText]:
     """
     if not state.startswith(_HEAD):
         return None
-    keys, written, known = like._keys, like._json, like._blocks
+    keys, known = like._keys, like._blocks
     blocks: dict[Key, _Block] = {}
     i, pos, read = 0, len(_HEAD), 0
     more = not state.startswith("]", pos)
     while more:
-        part = None
-        if i < len(keys):
-            part = written.get(keys[i])
-            if part is None:
-                part = written[keys[i]] = _entry_json(keys[i], known[keys[i]])
+        part = like._entry_text(keys[i]) if i < len(keys) else None
         if part is not None and state.startswith(part, pos):
             blocks[keys[i]] = known[keys[i]]
             i += 1

@@ -234,6 +234,9 @@ class RedisTests(TestCase):
             await a.pubsub.publish("delta", "d", {"n": 1})
             if not b.received:
                 raise AssertionError("not relayed yet")
+            if not a.resyncs:
+                # A's subscriber reconnects on its own schedule, apart from A's publisher.
+                raise AssertionError("A's subscriber not back yet")
 
         await eventually(back, within=15)
         self.assertEqual(b.received[0], ("delta", "d", {"n": 1}))

@@ -225,7 +225,7 @@ class SeveralEndpointsTests(ListenCase):
         """--metrics-listen takes an endpoint: /metrics is served there (with /health/live), and not on the main port."""
 
         async def run() -> None:
-            service = self.start(metrics_listen=("tcp:0:interface=127.0.0.1",))
+            service = self.start(listen=("tcp:0:interface=127.0.0.1",), metrics_listen=("tcp:0:interface=127.0.0.1",))
             await service.started
             main, metrics = (p.getHost().port for p in service.ports)
             agent = Agent(reactor)

@@ -20,6 +20,9 @@ from txpostgres import txpostgres
 from synckit.storage import postgres, schema
 from synckit.storage.interface import DocumentWrites, FieldWrite, StorageRefused, StorageUnavailable
 from synckit.storage.postgres import PostgresStorage
+from synckit.sync.document import Text
+from synckit.sync.fugue import FugueText
+from tests.helpers import text_state
 from tests.services import PostgresServer, shared_postgres
 from tests.wsclient import ServiceCase
 
@@ -154,6 +157,37 @@ class ReferenceRowsTests(TestCase):
         await storage.sync_state()
         rows = self.server.execute("SELECT id, state->'fields', vector_clock FROM documents_with_clocks", self.database)
         self.assertEqual(rows, [("d" * 256, {"a": 1}, {"w1": 1})])
+
+
+class TextSaveTests(TestCase):
+    """Two instances saving one document's text, on one database."""
+
+    async def test_instances_save_text_at_once(self) -> None:
+        """
+        Both instances merged their edit into the same stored text: the second save finds the
+        text changed (compare-and-set), reads it, merges again and stores both edits, on the
+        connection it has.  That refusal is a rolled-back transaction, not a dead connection:
+        taken for one, the connection was dropped and, with a pool of one, the retry failed
+        with StorageUnavailable.
+        """
+        url = shared_postgres().new_database()
+        a, b = (PostgresStorage(reactor, url, pool_size=1, auto_migrate=True) for _ in range(2))
+        for storage in (a, b):
+            await storage.start()
+            self.addCleanup(storage.stop)
+        base = Text(FugueText.parse(text_state("alice", "Hello")), 1)
+        await a.save([DocumentWrites("t", text=base)])
+        edits = {}
+        for storage, client, typed in ((a, "alice", "X"), (b, "bob", "Y")):
+            edit = FugueText.parse(base.state.to_json())
+            edit.merge(FugueText.parse(text_state(client, typed, clock=5)))
+            edits[typed] = edit
+            await storage.save([DocumentWrites("t", text=Text(edit, 2), text_base=base)])
+        expected = FugueText.parse(base.state.to_json())
+        for edit in edits.values():
+            expected.merge(edit)
+        self.assertEqual((await a.load("t")).text.state.text(), expected.text())
+        self.assertEqual((a.reconnects, b.reconnects), (0, 0))
 
 
 class LinearSaveTests(ServiceCase):

@@ -147,11 +147,28 @@ class _Connection(txpostgres.Connection):
             super().close()
 
 
+def _connection_died(failure: Failure) -> bool:
+    """
+    Whether a failed call means its connection is dead: txpostgres' test, less the transaction
+    rollbacks.  psycopg2 files those (a serialization failure, a deadlock) under
+    C{OperationalError}, which txpostgres takes for a broken connection; but the connection is
+    fine, and a serialization failure is what C{synckit_save} raises when another instance
+    stored text first.  Taken for a death, each such save dropped its connection and the
+    retry could find the pool reconnecting: the client got C{STORAGE_UNAVAILABLE}.
+    """
+    if failure.check(psycopg2.errors.TransactionRollbackError):
+        return False
+    return bool(reconnection.defaultDeathChecker(failure))
+
+
 class _Detector(reconnection.DeadConnectionDetector):
-    """txpostgres' detector, with a handle on its reconnection loop so that stopping can end it."""
+    """
+    txpostgres' detector, with a handle on its reconnection loop so that stopping can end it,
+    and deaf to transaction rollbacks (L{_connection_died}).
+    """
 
     def __init__(self, reactor: Any, died: Callable[[Failure], None]) -> None:
-        super().__init__(reconnectionIterator=_backoff, reactor=reactor)
+        super().__init__(deathChecker=_connection_died, reconnectionIterator=_backoff, reactor=reactor)
         self._died = died
         self._retrying: Optional[Deferred] = None
         self._stopped = False

@@ -398,4 +398,10 @@ class SyncFactory(WebSocketServerFactory):
             failByDrop=False,
             # A plain GET /ws is not a WebSocket: no Autobahn status page (it names versions).
             webStatus=False,
+            # The opening handshake reaches Autobahn whole (synckit.upgrade routes a complete
+            # request, twisted.web rebuilds one) and onConnect answers at once, so it is done
+            # within the read that brought it: the timer Autobahn would set for it on every
+            # connection was cancelled before it could fire.  A client that never sends a whole
+            # request is dropped by the router's and the site's idle timeouts.
+            openHandshakeTimeout=0,
         )

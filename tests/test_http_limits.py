@@ -87,6 +87,20 @@ class HeaderDeadlineTests(ListenerCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
 
+    def test_unfinished_upgrade_is_cut_off(self) -> None:
+        """
+        An upgrade request that stops short of its end is closed at the header timeout: it went
+        to the site, not to Autobahn, whose own opening-handshake timer synckit switches off.
+        """
+        self.listen(http_header_timeout=3000, http_idle_timeout=60_000)
+        transport = self.connect()
+        transport.protocol.dataReceived((UPGRADE % b"")[:-10])
+        self.clock.advance(2.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((transport.value(), self.harness.server.sessions), (b"", set()))
+
     def test_deadline_starts_again_after_each_response(self) -> None:
         """On a kept-alive connection the next request's headers have the same time again."""
         self.listen(http_header_timeout=3000)

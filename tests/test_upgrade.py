@@ -118,6 +118,19 @@ class HandOverTests(SynchronousTestCase):
         self.assertIs(transport.protocol, wrapper)
         self.assertIsInstance(wrapper.wrappedProtocol, WebSocketServerProtocol)
 
+    def test_no_timer_for_the_opening_handshake(self) -> None:
+        """
+        The handshake is answered within the read that brings it, so the connection sets no
+        timer for it: the one it sets is the heartbeat's.  (Autobahn would set one and cancel
+        it at once, on every connection.)
+        """
+        timer = self.listener._websockets[b"/ws"]._batched_timer
+        delays: list[float] = []
+        call_later = timer.call_later
+        self.patch(timer, "call_later", lambda delay, *rest: delays.append(delay) or call_later(delay, *rest))
+        self.upgraded()
+        self.assertEqual(delays, [self.harness.server.config.heartbeat_interval / 1000])
+
     def test_upgrades_over_tls(self) -> None:
         """
         Over a transport claiming TLS, both ways to upgrade work: Autobahn insists that such a

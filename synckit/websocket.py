@@ -402,6 +402,6 @@ class SyncFactory(WebSocketServerFactory):
             # request, twisted.web rebuilds one) and onConnect answers at once, so it is done
             # within the read that brought it: the timer Autobahn would set for it on every
             # connection was cancelled before it could fire.  A client that never sends a whole
-            # request is dropped by the router's and the site's idle timeouts.
+            # request is dropped by the router's idle timeout or the site's header timeout.
             openHandshakeTimeout=0,
         )

@@ -153,8 +153,8 @@ def _connection_died(failure: Failure) -> bool:
     rollbacks.  psycopg2 files those (a serialization failure, a deadlock) under
     C{OperationalError}, which txpostgres takes for a broken connection; but the connection is
     fine, and a serialization failure is what C{synckit_save} raises when another instance
-    stored text first.  Taken for a death, each such save dropped its connection and the
-    retry could find the pool reconnecting: the client got C{STORAGE_UNAVAILABLE}.
+    stored text first.  Taken for a death, each such save would drop its connection, and its
+    retry could find the pool reconnecting and fail the write with C{STORAGE_UNAVAILABLE}.
     """
     if failure.check(psycopg2.errors.TransactionRollbackError):
         return False

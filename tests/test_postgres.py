@@ -10,6 +10,7 @@ import signal
 import time
 from typing import Any, Awaitable, Callable
 
+import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Factory, Protocol
@@ -159,22 +160,28 @@ class ReferenceRowsTests(TestCase):
         self.assertEqual(rows, [("d" * 256, {"a": 1}, {"w1": 1})])
 
 
-class TextSaveTests(TestCase):
-    """Two instances saving one document's text, on one database."""
+class ConnectionKeptTests(TestCase):
+    """
+    Errors PostgreSQL reports on a connection that stays fine: the call fails or is retried as
+    its error calls for, and the connection is kept.  Taken for a dead connection, one dropped
+    it, and with a pool of one the retry failed with StorageUnavailable.
+    """
+
+    async def start_storage(self, url: str) -> PostgresStorage:
+        storage = PostgresStorage(reactor, url, pool_size=1, timeout=5, auto_migrate=True)
+        await storage.start()
+        self.addCleanup(storage.stop)
+        return storage
 
     async def test_instances_save_text_at_once(self) -> None:
         """
-        Both instances merged their edit into the same stored text: the second save finds the
-        text changed (compare-and-set), reads it, merges again and stores both edits, on the
-        connection it has.  That refusal is a rolled-back transaction, not a dead connection:
-        taken for one, the connection was dropped and, with a pool of one, the retry failed
-        with StorageUnavailable.
+        Two instances merge their edits into the same stored text: the second save finds the
+        text changed (compare-and-set: a serialization failure), reads it, merges again and
+        stores both edits, on the connection it has.
         """
         url = shared_postgres().new_database()
-        a, b = (PostgresStorage(reactor, url, pool_size=1, auto_migrate=True) for _ in range(2))
-        for storage in (a, b):
-            await storage.start()
-            self.addCleanup(storage.stop)
+        a = await self.start_storage(url)
+        b = await self.start_storage(url)
         base = Text(FugueText.parse(text_state("alice", "Hello")), 1)
         await a.save([DocumentWrites("t", text=base)])
         edits = {}
@@ -188,6 +195,39 @@ class TextSaveTests(TestCase):
             expected.merge(edit)
         self.assertEqual((await a.load("t")).text.state.text(), expected.text())
         self.assertEqual((a.reconnects, b.reconnects), (0, 0))
+
+    async def locked_out(self, setting: str) -> tuple[PostgresStorage, StorageUnavailable]:
+        """
+        A storage whose connection has C{setting}, and the error of a save that waits on a
+        lock another connection holds; the next save, once the lock is gone, goes through.
+        """
+        url = shared_postgres().new_database()
+        storage = await self.start_storage(f"{url}?options=-c%20{setting}%3D200")
+        await storage.save([DocumentWrites("d", [FieldWrite("a", 1, "w1", 1, 1000)])])
+        holder = psycopg2.connect(url)
+        self.addCleanup(holder.close)
+        holder.cursor().execute("LOCK TABLE documents IN ACCESS EXCLUSIVE MODE")
+        with self.assertRaises(StorageUnavailable) as caught:
+            await storage.save([DocumentWrites("d", [FieldWrite("a", 2, "w1", 2, 1001)])])
+        holder.rollback()
+        await storage.save([DocumentWrites("d", [FieldWrite("a", 3, "w1", 3, 1002)])])
+        self.assertEqual((await storage.load("d")).fields, {"a": 3})
+        return storage, caught.exception
+
+    async def test_lock_timeout(self) -> None:
+        """A save refused for its lock_timeout fails as an outage, and keeps its connection."""
+        storage, error = await self.locked_out("lock_timeout")
+        self.assertIn("lock timeout", str(error))
+        self.assertEqual(storage.reconnects, 0)
+
+    async def test_statement_timeout(self) -> None:
+        """
+        A save PostgreSQL cancels (its statement_timeout) fails as an outage that says so, not
+        as an unexpected error.
+        """
+        storage, error = await self.locked_out("statement_timeout")
+        self.assertIn("cancelled the save (statement_timeout", str(error))
+        self.assertEqual(storage.reconnects, 0)
 
 
 class LinearSaveTests(ServiceCase):

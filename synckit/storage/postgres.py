@@ -31,7 +31,7 @@ import orjson
 import psycopg2
 import psycopg2.errors
 from psycopg2.extras import Json
-from twisted.internet.defer import Deferred, FirstError
+from twisted.internet.defer import CancelledError, Deferred, FirstError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -147,24 +147,33 @@ class _Connection(txpostgres.Connection):
             super().close()
 
 
+#: SQLSTATEs (by prefix) of errors that end the connection or the server: connection failures,
+#: shutdowns and "cannot connect now" (``57P``, not ``57014``, a cancelled query), resources and
+#: system errors, internal errors.
+_DEAD_CONNECTION_CODES = ("08", "53", "57P", "58", "XX")
+
+
 def _connection_died(failure: Failure) -> bool:
     """
-    Whether a failed call means its connection is dead: txpostgres' test, less the transaction
-    rollbacks.  psycopg2 files those (a serialization failure, a deadlock) under
-    C{OperationalError}, which txpostgres takes for a broken connection; but the connection is
-    fine, and a serialization failure is what C{synckit_save} raises when another instance
-    stored text first.  Taken for a death, each such save would drop its connection, and its
-    retry could find the pool reconnecting and fail the write with C{STORAGE_UNAVAILABLE}.
+    Whether a failed call means its connection is dead.  txpostgres takes every
+    C{OperationalError} for that, but psycopg2 files under it many errors that PostgreSQL reports
+    on a connection that stays fine: a serialization failure (what C{synckit_save} raises when
+    another instance stored text first), a deadlock, a lock not available (C{lock_timeout}), a
+    cancelled query.  Taken for a death, each would drop its connection, and the retry
+    could find the pool reconnecting and fail the write with C{STORAGE_UNAVAILABLE}.  So an
+    error PostgreSQL reported (it has a SQLSTATE) kills the connection only if its code says so;
+    one without (the socket broke, libpq gave up) does.
     """
-    if failure.check(psycopg2.errors.TransactionRollbackError):
+    if not reconnection.defaultDeathChecker(failure):
         return False
-    return bool(reconnection.defaultDeathChecker(failure))
+    code = getattr(failure.value, "pgcode", None)
+    return code is None or code.startswith(_DEAD_CONNECTION_CODES)
 
 
 class _Detector(reconnection.DeadConnectionDetector):
     """
     txpostgres' detector, with a handle on its reconnection loop so that stopping can end it,
-    and deaf to transaction rollbacks (L{_connection_died}).
+    and deaf to errors that leave the connection fine (L{_connection_died}).
     """
 
     def __init__(self, reactor: Any, died: Callable[[Failure], None]) -> None:
@@ -341,6 +350,12 @@ class PostgresStorage:
                 return result
             except psycopg2.errors.SerializationFailure:
                 raise _TextChanged() from None
+            except CancelledError:
+                # synckit never cancels a query (the timeout abandons it), so PostgreSQL did:
+                # txpostgres reports its "canceling statement" error as a cancellation.
+                raise StorageUnavailable(
+                    f"PostgreSQL at {describe(self._url)} cancelled the {what} (statement_timeout, or pg_cancel_backend)"
+                ) from None
             except _UNAVAILABLE as e:
                 if attempt + 1 == attempts:
                     reason = "" if isinstance(e, reconnection.ConnectionDead) else f": {error_text(e)}"

@@ -73,6 +73,8 @@ class _Server:
         self.dir = tempfile.mkdtemp(prefix=f"synckit-{self.name}-")
         self.log = os.path.join(self.dir, "server.log")
         self.process: Optional[subprocess.Popen] = None
+        #: whether it ever started: a restart stays on its port
+        self.started = False
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -81,11 +83,27 @@ class _Server:
         raise NotImplementedError
 
     def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.user
-            )
-        _wait(self.ready, f"{self.name} on port {self.port}", self.process, self.log)
+        """
+        Start the server and wait until it answers.  C{ready} checks that the server answering
+        is this one (its own directory): a port from L{free_port} is free only when asked, and
+        two test runs at once can be handed the same one.  On a first start, a port taken
+        meanwhile means another port; a restart keeps its port, as the outage tests need.
+        """
+        for attempt in range(3):
+            with open(self.log, "ab") as log:
+                self.process = subprocess.Popen(
+                    self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, user=self.user
+                )
+            try:
+                _wait(self.ready, f"{self.name} on port {self.port}", self.process, self.log)
+                self.started = True
+                return
+            except RuntimeError:
+                exited = self.process.poll() is not None
+                if self.started or not exited or attempt == 2:
+                    raise
+                self.process = None
+                self.port = free_port()
 
     def kill(self) -> None:
         """Kill -9: no shutdown, as in a crash."""
@@ -136,7 +154,6 @@ class PostgresServer(_Server):
         if self.user:
             shutil.chown(self.dir, "postgres", "postgres")
         self.data = os.path.join(self.dir, "data")
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         subprocess.run(
             [f"{self.bindir}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8"],
             check=True,
@@ -145,6 +162,10 @@ class PostgresServer(_Server):
             stderr=subprocess.PIPE,
         )
 
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
     def command(self) -> list[str]:
         # fsync off: the tests kill processes, never the machine, so the OS keeps every commit.
         options = ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", f"unix_socket_directories={self.dir}"]
@@ -152,10 +173,15 @@ class PostgresServer(_Server):
 
     def ready(self) -> bool:
         try:
-            psycopg2.connect(self.url, connect_timeout=1).close()
-            return True
+            conn = psycopg2.connect(self.url, connect_timeout=1)
         except psycopg2.OperationalError:
             return False
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW data_directory")
+                return os.path.realpath(cur.fetchone()[0]) == os.path.realpath(self.data)
+        finally:
+            conn.close()
 
     def signal_all(self, signum: int) -> None:
         """
@@ -204,7 +230,10 @@ class RedisServer(_Server):
         if self.binary is None:
             raise unavailable("Redis is not installed (apt-get install redis-server)")
         super().__init__()
-        self.url = f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -215,10 +244,13 @@ class RedisServer(_Server):
     def ready(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(b"CONFIG GET dir\r\n")
+                reply = s.recv(4096)
         except OSError:
             return False
+        # *2 $3 dir $N <dir>: this server's own directory, not another run's server on this port
+        parts = reply.split(b"\r\n")
+        return len(parts) > 4 and parts[0] == b"*2" and parts[4] == os.path.realpath(self.dir).encode()
 
 
 _numbers = iter(range(1, 1_000_000))

@@ -1,0 +1,28 @@
+"""
+The throwaway servers of tests/services.py tell their own server from another on their port:
+two test runs at once can be handed the same free port.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.services import PostgresServer, RedisServer, shared_postgres, shared_redis
+
+
+class OwnServerTests(SynchronousTestCase):
+    def test_postgres_is_not_ready_on_another_servers_port(self) -> None:
+        server = PostgresServer()
+        self.addCleanup(server.destroy)
+        server.port = shared_postgres().port
+        self.assertFalse(server.ready())
+
+    def test_redis_starts_on_another_port_when_its_own_is_taken(self) -> None:
+        server = RedisServer()
+        self.addCleanup(server.destroy)
+        taken = shared_redis().port
+        server.port = taken
+        self.assertFalse(server.ready())
+        server.start()  # its first process cannot listen, and exits
+        self.assertNotEqual(server.port, taken)
+        self.assertTrue(server.ready())

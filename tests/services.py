@@ -105,12 +105,42 @@ class _Server:
                 self.process = None
                 self.port = free_port()
 
+    def processes(self) -> list[int]:
+        """
+        The server's process and its children.  PostgreSQL's backends are each a session of
+        their own, so a process-group signal would miss them.
+        """
+        assert self.process is not None
+        pids = [self.process.pid]
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                with open(stat) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.split("/")[2]))
+        return pids
+
+    def signal_all(self, signum: int, pids: Optional[list[int]] = None) -> None:
+        """Signal every process of the server.  SIGSTOP stalls it without closing a socket."""
+        for pid in pids or self.processes():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass  # a backend that has just ended
+
     def kill(self) -> None:
-        """Kill -9: no shutdown, as in a crash."""
+        """
+        Kill -9 every process of the server at once, as a crash would, and wait until they are
+        gone: a backend left running can still answer a query on a connection already open
+        (and commit it).
+        """
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            pids = self.processes()
+            self.signal_all(signal.SIGKILL, pids)
             self.process.wait()
-            _wait_for_group_exit(self.process.pid)
+            _wait_for_exit(pids)
         self.process = None
 
     def destroy(self) -> None:
@@ -118,17 +148,20 @@ class _Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _wait_for_group_exit(pgid: int) -> None:
-    """
-    Wait until every process of the group is gone: a killed server's children (PostgreSQL's
-    backends) can otherwise still answer a query on a connection that is already open.
-    """
+def _wait_for_exit(pids: list[int]) -> None:
+    """Wait until none of C{pids} runs (a zombie runs nothing), for up to five seconds."""
     for _ in range(1000):
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not any(process_running(pid) for pid in pids):
             return
         time.sleep(0.005)
+
+
+def process_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _binary(name: str, patterns: list[str]) -> Optional[str]:
@@ -182,27 +215,6 @@ class PostgresServer(_Server):
                 return os.path.realpath(cur.fetchone()[0]) == os.path.realpath(self.data)
         finally:
             conn.close()
-
-    def signal_all(self, signum: int) -> None:
-        """
-        Signal the postmaster and every backend: each backend is a session of its own, so a
-        process-group signal would miss them.  SIGSTOP stalls the server without closing a socket.
-        """
-        assert self.process is not None
-        pids = [self.process.pid]
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                with open(stat) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid:
-                pids.append(int(stat.split("/")[2]))
-        for pid in pids:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass  # a backend that has just ended
 
     def execute(self, sql: str, database: str = "postgres") -> list[tuple]:
         """Run SQL synchronously, for test set-up and inspection."""

@@ -111,24 +111,22 @@ class _Server:
         their own, so a process-group signal would miss them.
         """
         assert self.process is not None
-        pids = [self.process.pid]
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                with open(stat) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.process.pid:
-                pids.append(int(stat.split("/")[2]))
-        return pids
+        parent = self.process.pid
+        every = (int(path.split("/")[2]) for path in glob.glob("/proc/[0-9]*/stat"))
+        return [parent] + [pid for pid in every if _parent(pid) == parent]
 
-    def signal_all(self, signum: int, pids: Optional[list[int]] = None) -> None:
-        """Signal every process of the server.  SIGSTOP stalls it without closing a socket."""
-        for pid in pids or self.processes():
+    def signal_all(self, signum: int) -> list[int]:
+        """
+        Signal every process of the server, and say which they were.  SIGSTOP stalls it without
+        closing a socket.
+        """
+        pids = self.processes()
+        for pid in pids:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass  # a backend that has just ended
+        return pids
 
     def kill(self) -> None:
         """
@@ -137,8 +135,7 @@ class _Server:
         (and commit it).
         """
         if self.process is not None and self.process.poll() is None:
-            pids = self.processes()
-            self.signal_all(signal.SIGKILL, pids)
+            pids = self.signal_all(signal.SIGKILL)
             self.process.wait()
             _wait_for_exit(pids)
         self.process = None
@@ -157,11 +154,22 @@ def _wait_for_exit(pids: list[int]) -> None:
 
 
 def process_running(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def _parent(pid: int) -> Optional[int]:
+    fields = _stat(pid)
+    return int(fields[1]) if fields is not None else None
+
+
+def _stat(pid: int) -> Optional[list[str]]:
+    """The fields of C{/proc/PID/stat} after the command name (state, parent, ...); C{None}: gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 def _binary(name: str, patterns: list[str]) -> Optional[str]:

@@ -1,6 +1,6 @@
 """
-The throwaway servers of tests/services.py tell their own server from another on their port:
-two test runs at once can be handed the same free port.
+The throwaway servers of tests/services.py: they tell their own server from another on their
+port (two test runs at once can be handed the same free port), and a kill ends every process.
 """
 
 from __future__ import annotations
